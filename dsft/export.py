@@ -1,0 +1,96 @@
+"""Using a finished run: load a model or an adapter, merge an adapter into its base, generate text."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from dsft.config import RESOLVED_CONFIG_NAME, ModelConfig, from_dict, read_yaml
+from dsft.errors import DsftError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def base_model_config(adapter_dir: str | os.PathLike, base: str | None = None, dtype: str = "fp32") -> ModelConfig:
+    """How to load the adapter's base: the run's resolved config (same overrides), else adapter_config.json."""
+    adapter_dir = Path(adapter_dir)
+    resolved = adapter_dir / RESOLVED_CONFIG_NAME
+    if resolved.is_file():
+        cfg = from_dict(read_yaml(resolved)).model
+    else:
+        info = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        cfg = ModelConfig(name_or_path=info.get("base_model_name_or_path") or "")
+    if base:
+        cfg.name_or_path = base
+    if cfg.init != "pretrained":
+        raise DsftError(f"{adapter_dir}: the base model was randomly initialised (model.init={cfg.init}), "
+                        "so there are no base weights to merge into")
+    if not cfg.name_or_path:
+        raise DsftError(f"{adapter_dir}: the adapter does not name its base model; pass --base")
+    cfg.dtype = dtype
+    return cfg
+
+
+def load_for_inference(path: str | os.PathLike, dtype: str = "fp32", base: str | None = None):
+    """(model, tokenizer) from a full model dir, or base + adapter from an adapter dir, in eval mode."""
+    from transformers import AutoTokenizer
+
+    from dsft.model import ensure_pad_token, load_model
+
+    path = Path(path)
+    if not path.exists():
+        raise DsftError(f"{path}: no such model or adapter directory")
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(base_model_config(path, base, dtype)), str(path))
+    else:
+        model = load_model(ModelConfig(name_or_path=str(path), dtype=dtype))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    ensure_pad_token(tokenizer)
+    model.eval()
+    return model, tokenizer
+
+
+def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "fp32",
+                  base: str | None = None, overwrite: bool = False) -> Path:
+    """Merge a LoRA adapter into a freshly loaded full-precision base and save an HF model dir."""
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not is_adapter_dir(adapter_dir):
+        raise DsftError(f"{adapter_dir}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DsftError(f"--out {out_dir}: exists and is not empty; choose another dir or pass --overwrite")
+    model, tokenizer = load_for_inference(adapter_dir, dtype=dtype, base=base)
+    merged = model.merge_and_unload()
+    tmp = out_dir.with_name(out_dir.name + ".tmp-merge")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))  # safetensors is the default and only format dsft writes
+    tokenizer.save_pretrained(str(tmp))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def generate(path: str | os.PathLike, prompt: str, max_new_tokens: int = 64, chat: bool = False,
+             dtype: str = "fp32") -> str:
+    """Greedy completion of ``prompt`` (as a user turn with the chat template when ``chat``)."""
+    model, tokenizer = load_for_inference(path, dtype=dtype)
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

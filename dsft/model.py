@@ -1,0 +1,155 @@
+"""Model and tokenizer loading, LoRA wrapping, and the layered-learning-rate parameter groups."""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+import torch
+from torch import nn
+
+from dsft.config import ModelConfig, PeftConfig
+from dsft.errors import ConfigError, DsftError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Parameters that get no weight decay: biases and norm weights (same name patterns as transformers' Trainer).
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def _trust_remote_code(cfg: ModelConfig) -> bool:
+    if cfg.trust_remote_code:
+        warnings.warn(
+            f"model.trust_remote_code is on: Python code shipped with {cfg.name_or_path} will run", stacklevel=2
+        )
+    return cfg.trust_remote_code
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer, with a pad token that is safe for dsft's label masks."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.tokenizer or cfg.name_or_path, revision=cfg.revision, trust_remote_code=_trust_remote_code(cfg)
+    )
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token one, without growing the vocabulary.
+
+    Reusing an existing token keeps the embedding matrix (and LoRA adapters trained on it) the same
+    shape as the base model's. This is safe because dsft builds labels and attention masks itself:
+    a pad id is never read as "ignore this position"; the unk token is preferred over EOS so that
+    non-padding token counts stay exact.
+    """
+    if tokenizer.pad_token_id is not None:
+        return
+    for candidate in (tokenizer.unk_token, tokenizer.eos_token, tokenizer.bos_token):
+        if candidate is not None:
+            tokenizer.pad_token = candidate
+            logger.info("tokenizer has no pad token; using %r", candidate)
+            return
+    raise DsftError("the tokenizer has no pad, unk, eos or bos token to pad with; add a pad token to it")
+
+
+def load_config_object(cfg: ModelConfig):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        cfg.name_or_path, revision=cfg.revision, trust_remote_code=_trust_remote_code(cfg)
+    )
+    for key, value in cfg.config_overrides.items():
+        if not hasattr(config, key):
+            raise ConfigError(f"model.config_overrides.{key}: {type(config).__name__} has no field '{key}'")
+        setattr(config, key, value)
+    return config
+
+
+def load_model(cfg: ModelConfig):
+    """AutoModelForCausalLM from weights (``pretrained``) or random init (``from_config``)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config_object(cfg)
+    common = dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
+                  trust_remote_code=cfg.trust_remote_code)
+    if cfg.init == "from_config":
+        model = AutoModelForCausalLM.from_config(config, **common)
+    else:
+        # safetensors only: pickled .bin checkpoints can execute code on load.
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path, config=config, revision=cfg.revision, use_safetensors=True, **common
+        )
+    return model
+
+
+def apply_lora(model, peft_cfg: PeftConfig, gradient_checkpointing_reentrant: bool):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    lo = peft_cfg.lora
+    lora = PeftLoraConfig(
+        r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+        use_rslora=lo.use_rslora, use_dora=lo.use_dora, modules_to_save=lo.modules_to_save, bias=lo.bias,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise ConfigError(f"peft.lora.target_modules: {e}") from None
+    if gradient_checkpointing_reentrant:
+        # Reentrant checkpointing only back-propagates if the checkpointed block's input requires grad,
+        # which frozen embeddings never do.
+        model.enable_input_require_grads()
+    return model
+
+
+def is_no_decay(name: str) -> bool:
+    return any(re.search(p, name.lower()) for p in NO_DECAY_PATTERNS)
+
+
+def is_boosted(name: str) -> bool:
+    """LoRA B matrices and fully trained new modules (peft's modules_to_save copies) get lr × lr_ratio."""
+    return "lora_B" in name or "lora_embedding_B" in name or ".modules_to_save." in name
+
+
+def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float, lr_ratio: float) -> list[dict]:
+    """Optimizer groups: (base | boosted lr) × (decay | no decay); empty groups are left out."""
+    groups: dict[tuple[bool, bool], list] = {}
+    names: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = (is_boosted(name) and lr_ratio != 1.0, is_no_decay(name))
+        groups.setdefault(key, []).append(param)
+        names.setdefault(key, []).append(name)
+    out = []
+    for (boosted, no_decay), params in sorted(groups.items()):
+        out.append({
+            "params": params,
+            "lr": learning_rate * (lr_ratio if boosted else 1.0),
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "names": names[(boosted, no_decay)],
+        })
+    return out
+
+
+def optimizer_cls_and_kwargs(model: nn.Module, args, lr_ratio: float):
+    """The optimizer the user's TrainingArguments select (``optim``), fed dsft's parameter groups."""
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    groups = parameter_groups(model, args.learning_rate, args.weight_decay, lr_ratio)
+    for g in groups:  # "names" is for inspection; torch optimizers keep unknown keys, but keep them clean
+        g.pop("names")
+    kwargs = dict(kwargs, params=groups)
+    return optimizer_cls, kwargs
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
