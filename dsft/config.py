@@ -297,7 +297,8 @@ def _check_train_section(train: dict) -> None:
             raise ConfigError(_unknown_key_message(str(key), list(fields), "train") + " (TrainingArguments field)")
         annotation = fields[key].type
         simple = {"float": float, "int": int, "bool": bool}
-        base = str(annotation).replace(" | None", "").strip()
+        name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+        base = name.replace(" | None", "").replace("Optional[", "").rstrip("]").strip()
         if base in simple and value is not None:
             converted = _coerce(value, simple[base], f"train.{key}")
             train[key] = converted
@@ -344,6 +345,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.packing needs data.max_seq_len (the packed row length); set data.max_seq_len")
     if d.packing and m.attn_implementation not in PACKING_ATTENTION:
         raise ConfigError(f"data.packing: model.attn_implementation={m.attn_implementation} would attend across samples")
+    if d.packing and t.get("use_cache"):
+        raise ConfigError("train.use_cache: true lets packed samples attend to each other; remove it")
     has_eval = bool(d.eval) or d.eval_fraction > 0
     eval_strategy = str(t.get("eval_strategy", "no"))
     if eval_strategy != "no" and not has_eval:

@@ -83,6 +83,8 @@ def load_model(cfg: ModelConfig):
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, config=config, revision=cfg.revision, use_safetensors=True, **common
         )
+    # Training never reads a KV cache, and with one transformers stops confining attention to packed samples.
+    model.config.use_cache = False
     return model
 
 

@@ -55,8 +55,10 @@ def check_packing_isolation(model, vocab_size: int, atol_fraction: float | None 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        together = model(input_ids=packed.to(device), position_ids=positions.to(device)).logits[:, 7:].float()
-        alone = model(input_ids=second.to(device)).logits.float()
+        # use_cache=False as in training: with a KV cache transformers does not look for packed sequences
+        together = model(input_ids=packed.to(device), position_ids=positions.to(device), use_cache=False)
+        together = together.logits[:, 7:].float()
+        alone = model(input_ids=second.to(device), use_cache=False).logits.float()
     model.train(was_training)
     scale = alone.abs().max().item() or 1.0
     diff = (together - alone).abs().max().item() / scale
