@@ -49,6 +49,27 @@ def _builder_for(path: str) -> str:
     raise DataError(f"{path}: unsupported data file type; use one of {', '.join(DATA_SUFFIXES)}")
 
 
+def check_utf8(path: Path) -> None:
+    """Reject text data with bytes that are not UTF-8 (the json/csv readers would replace them silently)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                line = lines + chunk[: max(e.start, 0)].count(b"\n") + 1
+                raise DataError(f"{path}: line {line}: bytes that are not UTF-8 (byte offset {offset + e.start})") from None
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: ends inside a truncated UTF-8 character") from None
+
+
 def load_rows(specs: str | list[str], key: str):
     """Load one split from file(s), a save_to_disk dir, or a hub dataset name."""
     import datasets
@@ -64,6 +85,8 @@ def load_rows(specs: str | list[str], key: str):
                         raise DataError(f"data.{key}: {spec} holds splits {list(loaded)}, none named train")
                     loaded = loaded["train"]
             elif path.is_file():
+                if path.suffix in (".jsonl", ".json", ".csv"):
+                    check_utf8(path)
                 loaded = datasets.load_dataset(_builder_for(str(path)), data_files=str(path), split="train")
             else:
                 loaded = datasets.load_dataset(spec, split="train")
