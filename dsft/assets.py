@@ -7,6 +7,7 @@ Every writer is idempotent and atomic: an interrupted run never leaves output th
 
 from __future__ import annotations
 
+import glob
 import gzip
 import importlib.util
 import json
@@ -15,7 +16,7 @@ import os
 import random
 import re
 import shutil
-import tempfile
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,9 @@ def prepare_smollm2(out_dir: str | os.PathLike, *, verify: bool = True) -> Path:
         raise AssetConflictError(f"{out} exists and is not a dsft-prepared model; remove it or choose another path")
     gguf = smollm2_gguf_path()
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(out)
     # A sibling temp dir is on the same filesystem, so the final rename is atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _make_temp_dir(out)
     try:
         _convert_gguf(gguf, tmp, verify=verify)
         _publish_dir(tmp, out)
@@ -110,11 +112,15 @@ def _convert_gguf(gguf: Path, dst: Path, *, verify: bool) -> None:
     config = gguf_model.config.__class__.from_dict(gguf_model.config.to_dict())
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if hasattr(config, "_model_name_or_path"):
+        del config._model_name_or_path  # the GGUF's general.name, not a path; would only confuse
     config.dtype = torch.float32
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
     plain.generation_config = gguf_model.generation_config
     plain.eval()
+    # The GGUF carries no model_max_length (the tokenizer reports ~1e30); use the model's context.
+    tokenizer.model_max_length = config.max_position_embeddings
     # transformers 5 always writes safetensors (safe_serialization is no longer an argument).
     plain.save_pretrained(dst)
     tokenizer.save_pretrained(dst)
@@ -136,6 +142,9 @@ def _convert_gguf(gguf: Path, dst: Path, *, verify: bool) -> None:
         info.update(_verify_saved(dst, gguf_model, tokenizer))
     # The marker is written last, so its presence means everything above succeeded.
     (dst / PREPARED_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    # transformers writes the weights with mode 0600; a shared cache needs the usual umask modes.
+    for f in dst.iterdir():
+        f.chmod(0o666 & ~_umask())
     log.info("prepared %s in %.1fs", gguf.name, time.perf_counter() - start)
 
 
@@ -159,11 +168,54 @@ def _verify_saved(dst: Path, gguf_model, gguf_tokenizer) -> dict[str, Any]:
     return {"max_abs_logit_diff": diff, "chat_template": has_template}
 
 
+def _umask() -> int:
+    # Read, not set: os.umask() would change it process-wide, racing other threads.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _temp_prefix(out: Path) -> str:
+    # Host and pid in the name let a later run on this host tell a dead run's leftovers from a live one's.
+    return f".{out.name}.tmp-{socket.gethostname()}-"
+
+
+def _make_temp_dir(out: Path) -> Path:
+    # os.mkdir honours the umask (mkdtemp would force 0700 onto the published dir).
+    while True:
+        tmp = out.parent / f"{_temp_prefix(out)}{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _remove_dead_temps(out: Path) -> None:
+    """Delete temp dirs that a killed run on this host left next to ``out`` (each holds ~0.5 GB)."""
+    prefix = _temp_prefix(out)
+    for tmp in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name[len(prefix):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing %s left by an interrupted run", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass  # exists but not ours to signal: alive
+
+
 def _publish_dir(tmp: Path, out: Path) -> None:
     stale = None
     if out.exists() and any(out.iterdir()):
         # Only reached for a dir that carries our marker but lost files: ours to replace.
-        stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.stale-", dir=out.parent))
+        stale = _make_temp_dir(out)
         os.replace(out, stale / out.name)
     try:
         os.replace(tmp, out)  # also fine when out is an empty dir
@@ -183,13 +235,14 @@ def _write_atomic(path: Path, data: str) -> bool:
     if path.is_file() and path.read_bytes() == encoded:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        with os.fdopen(fd, "wb") as f:
+        # open(..., "xb") honours the umask, unlike mkstemp's fixed 0600.
+        with open(tmp, "xb") as f:
             f.write(encoded)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return True
 
@@ -258,7 +311,8 @@ def write_chatterbot(out_dir: str | os.PathLike, language: str = "english", eval
                                 f"available: {', '.join(langs) or 'none'} (install: {CHATTERBOT_INSTALL})")
 
     chats: list[list[dict]] = []
-    counts = {"malformed": 0, "short": 0, "odd": 0, "bad_files": 0}
+    seen: set[str] = set()
+    counts = {"malformed": 0, "short": 0, "odd": 0, "bad_files": 0, "duplicate": 0}
     for path in files:
         try:
             # BaseLoader keeps every scalar a string, so answers like "yes" or 1984 are not turned
@@ -275,8 +329,15 @@ def write_chatterbot(out_dir: str | os.PathLike, language: str = "english", eval
             messages, why = _chat_from_conversation(conv)
             if why != "ok":
                 counts[why] += 1
-            if messages is not None:
-                chats.append(messages)
+            if messages is None:
+                continue
+            # tech_support.yml repeats some chats 100+ times verbatim; copies would dominate training.
+            key = json.dumps(messages)
+            if key in seen:
+                counts["duplicate"] += 1
+                continue
+            seen.add(key)
+            chats.append(messages)
     if len(chats) < 2:
         raise AssetError(f"the '{language}' ChatterBot corpus has fewer than 2 usable conversations")
 
@@ -290,10 +351,11 @@ def write_chatterbot(out_dir: str | os.PathLike, language: str = "english", eval
     random.Random(seed).shuffle(keys)
     target = max(1, round(eval_fraction * len(chats)))
     held: set[int] = set()
-    for key in keys:
-        if len(held) >= target:
-            break
-        held.update(groups[key])
+    for key in keys:  # fill up to target, skipping groups that would overshoot it
+        if len(held) + len(groups[key]) <= target:
+            held.update(groups[key])
+    if not held:  # every group is larger than target: take the smallest
+        held.update(min(groups.values(), key=len))
     if len(held) == len(chats):
         raise AssetError(f"cannot split the '{language}' corpus: every conversation opens with the same line")
 
@@ -305,7 +367,8 @@ def write_chatterbot(out_dir: str | os.PathLike, language: str = "english", eval
     _write_atomic(eval_path, _jsonl(evals))
     return {"train": train_path, "eval": eval_path, "train_conversations": len(train),
             "eval_conversations": len(evals), "files": len(files), "skipped_malformed": counts["malformed"],
-            "skipped_short": counts["short"], "dropped_trailing_user": counts["odd"],
+            "skipped_short": counts["short"], "skipped_duplicates": counts["duplicate"],
+            "dropped_trailing_user": counts["odd"],
             "skipped_files": counts["bad_files"]}
 
 

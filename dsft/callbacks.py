@@ -37,6 +37,9 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time = time.perf_counter()
         self._last_tokens = state.num_input_tokens_seen
+        log = Path(args.output_dir) / LOG_FILE_NAME
+        if state.is_world_process_zero and state.global_step == 0 and log.exists():
+            log.unlink()  # a fresh run starts a fresh log; a resumed one appends
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:

