@@ -42,12 +42,40 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_validate(a: argparse.Namespace) -> int:
     from dsft.config import dump_yaml, load_config, resolved_dict
-    from dsft.train import accelerator_is_cpu, build_training_arguments
 
-    cfg = load_config(a.config, a.set)
-    build_training_arguments(cfg)  # TrainingArguments' own checks; no model or data is loaded
+    cfg = load_config(a.config, a.set)  # fails fast, before the heavy imports below
+    from dsft.distributed import Topology, accelerator_is_cpu
+    from dsft.train import build_training_arguments
+
+    # TrainingArguments' own checks and the DeepSpeed linter; no model or data is loaded
+    build_training_arguments(cfg, _topology_from_flags(a))
     print(dump_yaml(resolved_dict(cfg, use_cpu=accelerator_is_cpu())), end="")
     print("# config OK", file=sys.stderr)
+    return 0
+
+
+def _topology_from_flags(a: argparse.Namespace):
+    from dsft.distributed import Topology, topology
+
+    if a.world_size is None and a.devices_per_node is None:
+        return topology()
+    per_node = a.devices_per_node or a.world_size
+    world = a.world_size or per_node
+    return Topology(world_size=world, local_world_size=per_node)
+
+
+def cmd_ds_config(a: argparse.Namespace) -> int:
+    import json
+
+    from dsft.config import load_config
+    from dsft.deepspeed import prepare_for_run, resolve_auto
+
+    cfg = load_config(a.config, a.set)
+    if not cfg.deepspeed:
+        raise DsftError(f"{a.config}: no 'deepspeed:' key; set a template name (e.g. zero2) or a JSON path")
+    topo = _topology_from_flags(a)
+    ds = prepare_for_run(cfg, topo.world_size, topo.local_world_size)
+    print(json.dumps(resolve_auto(ds, cfg, topo.world_size, devices_per_node=topo.local_world_size), indent=2))
     return 0
 
 
@@ -106,11 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     for name, fn, help in (("train", cmd_train, "Train from a run config."),
-                           ("validate", cmd_validate, "Check a run config and print it resolved; loads nothing.")):
+                           ("validate", cmd_validate, "Check a run config and print it resolved; loads nothing."),
+                           ("ds-config", cmd_ds_config, "Print the fully resolved DeepSpeed JSON for a run config.")):
         sp = add(name, fn, help)
         sp.add_argument("config", help="run config YAML")
         sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (YAML syntax), repeatable")
+        if name != "train":
+            sp.add_argument("--world-size", type=int, help="total ranks to check for (default: from the environment)")
+            sp.add_argument("--devices-per-node", type=int, help="ranks per node (default: world size)")
 
     sp = add("merge", cmd_merge, "Merge a LoRA adapter into its base model and save an HF model dir.")
     sp.add_argument("adapter_dir")

@@ -297,9 +297,26 @@ def training_argument_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
+# TrainingArguments fields that transformers 5 removed, and what replaces them.
+REMOVED_TRAINING_ARGUMENTS = {
+    "warmup_ratio": "use warmup_steps: a float in [0, 1) is a ratio of the total steps (e.g. warmup_steps: 0.1)",
+    "evaluation_strategy": "renamed eval_strategy",
+    "overwrite_output_dir": "removed; the Trainer writes into an existing output_dir",
+    "no_cuda": "use use_cpu: true",
+    "use_mps_device": "removed; the device is detected",
+    "per_gpu_train_batch_size": "use per_device_train_batch_size",
+    "per_gpu_eval_batch_size": "use per_device_eval_batch_size",
+    "logging_dir": "removed; TensorBoard logs go under output_dir/runs",
+    "save_safetensors": "removed; weights are always saved as safetensors",
+}
+
+
 def _check_train_section(train: dict) -> None:
     fields = training_argument_fields()
     for key, value in train.items():
+        if key in REMOVED_TRAINING_ARGUMENTS and key not in fields:
+            raise ConfigError(f"train.{key}: not a TrainingArguments field in this transformers version: "
+                              f"{REMOVED_TRAINING_ARGUMENTS[key]}")
         if key not in fields:
             raise ConfigError(_unknown_key_message(str(key), list(fields), "train") + " (TrainingArguments field)")
         annotation = fields[key].type
@@ -314,6 +331,8 @@ def _check_train_section(train: dict) -> None:
             train[key] = converted
     if "deepspeed" in train:
         raise ConfigError("train.deepspeed: set the top-level 'deepspeed:' key (template name or JSON path) instead")
+    if "output_dir" in train and not isinstance(train["output_dir"], str):
+        raise ConfigError(f"train.output_dir: expected a directory path (string), got {train['output_dir']!r}")
     if not train.get("output_dir"):
         raise ConfigError("train.output_dir: required; set the directory for checkpoints and logs")
 

@@ -55,7 +55,7 @@ _STEP_KEYS = ("scheduler.params.total_num_steps", "scheduler.params.warmup_num_s
 
 # TrainingArguments defaults the linter needs when the run config leaves them out.
 _TRAIN_DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "max_grad_norm": 1.0,
-                   "optim": "adamw_torch"}
+                   "optim": "adamw_torch_fused"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,9 +78,12 @@ def template_path(spec: str) -> Path:
     if _looks_like_path(spec) or (Path(spec).expanduser().is_file() and spec not in template_names()):
         path = Path(spec).expanduser()
         if not path.is_file():
+            names = template_names()
+            stem = Path(spec).name.removesuffix(".json")
+            hint = f"did you mean the template '{stem}'? " if stem in names else ""
             raise ConfigError(
-                f"deepspeed: file not found: {path}; fix the path or use a template name "
-                f"({', '.join(template_names()) or 'none found in ' + str(TEMPLATES_DIR)})"
+                f"deepspeed: file not found: {path} (relative paths start at {Path.cwd()}); {hint}fix the path or "
+                f"use a template name ({', '.join(names) or 'none found in ' + str(TEMPLATES_DIR)})"
             )
         return path
     names = template_names()
@@ -473,6 +476,7 @@ def lint(cfg: RunConfig, ds: dict, world_size: int, devices_per_node: int,
 
     # ZeRO++ hpZ
     hpz = _zero(ds).get("zero_hpz_partition_size")
+    hpz = devices_per_node if hpz == AUTO else hpz  # what resolve_auto will fill
     if _is_int(hpz) and hpz > 1:
         key = "deepspeed.zero_optimization.zero_hpz_partition_size"
         if stage != 3:
@@ -522,7 +526,8 @@ def lint(cfg: RunConfig, ds: dict, world_size: int, devices_per_node: int,
                     f"{opt_type} has no CPU implementation for ZeRO-Offload (supported: "
                     f"{', '.join(DS_OFFLOAD_OPTIMIZERS)}); use AdamW or remove the offload", "offload_optimizer")
         else:
-            optim = str(t.get("optim", _TRAIN_DEFAULTS["optim"])).lower()
+            optim = t.get("optim", _TRAIN_DEFAULTS["optim"])
+            optim = str(getattr(optim, "value", optim)).lower()  # a string, or an OptimizerNames member
             if force_ds_cpu and optim not in HF_OPTIMS_MAPPED_FOR_OFFLOAD:
                 add("error", "train.optim",
                     f"{optim} with offload_optimizer: accelerate replaces it with DeepSpeedCPUAdam (zero_force_ds_cpu_"
@@ -603,3 +608,25 @@ def model_state_bytes(params: int, stage: int, world: int, offload_optimizer: bo
     host["host_total"] = sum(host.values())
     result.update(host)
     return result
+
+
+def prepare_for_run(cfg: RunConfig, world_size: int, devices_per_node: int,
+                    device_memory_bytes: int | None = None) -> dict | None:
+    """The DeepSpeed config handed to TrainingArguments: loaded, overridden, dsft placeholders filled, linted.
+
+    HF "auto" values are left for the Trainer to fill. Lint errors raise ConfigError (all of them, one per
+    line); warnings are logged.
+    """
+    if not cfg.deepspeed:
+        return None
+    import logging
+
+    ds = fill_dsft_placeholders(load_ds_config(cfg.deepspeed, cfg.deepspeed_overrides), devices_per_node)
+    findings = lint(cfg, ds, world_size, devices_per_node, device_memory_bytes)
+    errors = [f for f in findings if f.level == "error"]
+    for f in findings:
+        if f.level != "error":
+            logging.getLogger(__name__).warning("deepspeed %s: %s", f.key, f.message)
+    if errors:
+        raise ConfigError("\n".join(f"deepspeed {f.key}: {f.message}" for f in errors))
+    return ds

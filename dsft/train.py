@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 from dsft.callbacks import MetricsCallback, compute_metrics, preprocess_logits_for_metrics
 from dsft.config import RunConfig, training_arguments_kwargs, write_resolved
+from dsft.distributed import Topology, accelerator_is_cpu, configure_cpu_threads, topology
 from dsft.errors import ConfigError, DsftError
 
 logger = logging.getLogger("dsft")
@@ -26,15 +28,18 @@ class RunResult:
     log_history: list = field(default_factory=list)
 
 
-def accelerator_is_cpu() -> bool:
-    return not torch.accelerator.is_available()
-
-
-def build_training_arguments(cfg: RunConfig):
-    """TrainingArguments from the ``train`` section; its own checks are reported as config errors."""
+def build_training_arguments(cfg: RunConfig, topo: Topology | None = None):
+    """TrainingArguments from the ``train`` section (+ the DeepSpeed config); its own checks are reported
+    as config errors."""
     from transformers import TrainingArguments
 
+    from dsft.deepspeed import prepare_for_run
+
+    topo = topo or topology()
     kwargs = training_arguments_kwargs(cfg, use_cpu=accelerator_is_cpu())
+    ds = prepare_for_run(cfg, topo.world_size, topo.local_world_size)
+    if ds is not None:
+        kwargs["deepspeed"] = ds
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError) as e:
@@ -92,12 +97,16 @@ def build_trainer(cfg: RunConfig, args=None):
     from dsft.model import apply_lora, count_parameters, load_model, load_tokenizer, optimizer_cls_and_kwargs
 
     args = args or build_training_arguments(cfg)
+    if args.deepspeed and zero3_enabled():
+        from dsft.distributed import init_deepspeed_distributed
+
+        init_deepspeed_distributed()
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, args.main_process_first)
     for split, stats in data.stats.items():
         logger.info("data %s%s", stats.summary(split), " (from cache)" if data.from_cache else "")
-    model = load_model(cfg.model)
-    if cfg.data.packing:
+    model = load_model(cfg.model)  # under ZeRO-3 each rank holds only its partition (zero.Init)
+    if cfg.data.packing and not zero3_enabled():  # a ZeRO-3 forward needs every rank; proven in tests instead
         check_packing_isolation(model, model.config.vocab_size)
     if cfg.peft is not None:
         model = apply_lora(model, cfg.peft, cfg.model.gradient_checkpointing_reentrant)
@@ -123,13 +132,59 @@ def build_trainer(cfg: RunConfig, args=None):
     return trainer, data
 
 
+RUN_INFO_NAME = "dsft_run_info.json"
+
+
+def write_run_info(args, topo: Topology, threads: int | None) -> dict:
+    """Record who trained: every rank reports (rank, local rank, node) through the process group, and rank 0
+    writes the list with the versions next to the outputs. Proves all ranks joined one world."""
+    import json
+    import platform
+
+    import transformers
+
+    me = {"rank": topo.rank, "local_rank": topo.local_rank, "node_rank": int(os.environ.get("GROUP_RANK", 0)),
+          "host": platform.node(), "pid": os.getpid(), "threads": threads}
+    ranks = [me]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        ranks = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(ranks, me)
+    info = {
+        "world_size": args.world_size,
+        "ranks": ranks,
+        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        "deepspeed_zero_stage": (args.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0)
+                                 if getattr(args, "hf_deepspeed_config", None) else None),
+        "cpu": accelerator_is_cpu(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    if args.process_index == 0:
+        path = os.path.join(args.output_dir, RUN_INFO_NAME)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+        os.replace(path + ".tmp", path)
+    return info
+
+
+def zero3_enabled() -> bool:
+    # True while TrainingArguments holding a ZeRO-3 config are alive (transformers' own switch for zero.Init)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
 def run(cfg: RunConfig) -> RunResult:
     """Train, save the final model (or adapter) and tokenizer to output_dir, evaluate."""
-    args = build_training_arguments(cfg)
+    topo = topology()
+    threads = configure_cpu_threads(topo)
+    if threads is not None:
+        logger.info("CPU: %d threads per rank (%d local ranks)", threads, topo.local_world_size)
+    args = build_training_arguments(cfg, topo)
     if args.process_index == 0:
         path = write_resolved(cfg, args.output_dir, use_cpu=accelerator_is_cpu())
         logger.info("resolved config written to %s", path)
     trainer, data = build_trainer(cfg, args)
+    write_run_info(args, topo, threads)
     resume = args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
         resume = True

@@ -334,19 +334,18 @@ def test_validate_prints_the_resolved_config(env, capsys):
 
 def test_bare_yaml_no_means_the_string_no_for_strategies(env, capsys):
     # YAML 1.1 reads `eval_strategy: no` as false; it must mean "no", not fail on "False".
+    text = yaml.safe_dump(env["base"]).replace("train:\n", "train:\n  eval_strategy: no\n  save_strategy: no\n")
+    assert yaml.safe_load(text)["train"]["eval_strategy"] is False
     path = env["tmp"] / "run.yaml"
-    text = yaml.safe_dump(env["base"]) + "early_stopping: {}\n"
-    path.write_text(text.replace("train:\n", "train:\n  eval_strategy: no\n  save_strategy: no\n"), encoding="utf-8")
-    assert yaml.safe_load(path.read_text())["train"]["eval_strategy"] is False
-    with pytest.raises(ConfigError, match="early_stopping needs evaluation"):  # read as "no", not "False"
-        load_config(path)
-    path.write_text(text.replace("early_stopping: {}\n", ""), encoding="utf-8")
-    path.write_text(path.read_text().replace("train:\n", "train:\n  eval_strategy: no\n  save_strategy: no\n"))
+    path.write_text(text, encoding="utf-8")
     cfg = load_config(path)
     assert cfg.train["eval_strategy"] == "no" and cfg.train["save_strategy"] == "no"
     rc, out, err = run_cli(capsys, "validate", str(path))
     assert rc == 0, err
     assert yaml.safe_load(out)["train"]["eval_strategy"] == "no"
+    path.write_text(text + "early_stopping: {}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="early_stopping needs evaluation"):
+        load_config(path)
 
 
 def test_write_resolved_reloads_to_an_equal_config(env):

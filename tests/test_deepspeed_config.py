@@ -275,6 +275,9 @@ def test_lint_hpz_single_node(make_cfg):
     assert [(f.level, f.rule) for f in found] == [("warning", "hpz")]
     cfg, ds = resolved(make_cfg, "zero3_multinode", world=16, dpn=8)
     assert dsd.lint(cfg, ds, 16, 8, None) == []
+    unresolved = dsd.load_ds_config("zero3_multinode", {})  # "auto" is linted as devices per node
+    assert rules(dsd.lint(cfg, unresolved, 8, 8, None)) == {"hpz"}
+    assert dsd.lint(cfg, unresolved, 16, 8, None) == []
     bad = dsd.load_ds_config("zero3", {"zero_optimization": {"zero_hpz_partition_size": 3}})
     assert ("error", "hpz") in {(f.level, f.rule) for f in dsd.lint(cfg, bad, 16, 8, None)}
 
@@ -442,3 +445,10 @@ def test_model_state_bytes_match_deepspeed_estimators(psi, gpus, nodes):
         assert m["total_deepspeed"] + layer == close(gpu, abs=2), (off_opt, off_param)
         if off_opt:
             assert m["host_total"] * gpus * buffer == close(cpu, rel=1e-9), (off_opt, off_param)
+
+
+def test_template_file_name_given_as_path_hints_the_template(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="did you mean the template 'zero2'"):
+        dsd.load_ds_config("zero2.json", {})
+    assert dsd.load_ds_config(str(dsd.TEMPLATES_DIR / "zero2.json"), {}) == dsd.load_ds_config("zero2", {})
