@@ -31,8 +31,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     from dsft.config import load_config
     from dsft.train import run
 
+    from dsft.distributed import shutdown
+
     cfg = load_config(a.config, a.set)
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    finally:
+        shutdown()
     if result.eval_metrics:
         print(f"eval_loss {result.eval_metrics.get('eval_loss'):.4f}  "
               f"perplexity {result.eval_metrics.get('eval_perplexity', float('nan')):.3f}")

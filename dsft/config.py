@@ -487,7 +487,8 @@ def reference_markdown() -> str:
                 nested.append((tp, f"{name}.{f.name}"))
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"| `{f.name}` | {_type_name(tp)} | `{default!r}` | {f.metadata.get('help', '')} |")
+            kind = _type_name(tp).replace(" | ", " or ")  # a bare | would split the markdown cell
+            lines.append(f"| `{f.name}` | {kind} | `{default!r}` | {f.metadata.get('help', '')} |")
         lines.append("")
         for tp, sub in nested:
             section(tp, sub)
@@ -495,6 +496,11 @@ def reference_markdown() -> str:
     for name, cls in (("model", ModelConfig), ("data", DataConfig), ("peft", PeftConfig),
                       ("early_stopping", EarlyStoppingConfig)):
         section(cls, name)
+    lines.append("### top level\n\n| key | meaning |\n|---|---|")
+    for f in dataclasses.fields(RunConfig):
+        if f.name in ("deepspeed", "deepspeed_overrides"):
+            lines.append(f"| `{f.name}` | {f.metadata.get('help', '')} |")
+    lines.append("")
     lines.append("### `train`\n\nAny `transformers.TrainingArguments` field, passed through unchanged. dsft fills "
                  "`report_to: tensorboard`, `logging_steps: 10`, `include_num_input_tokens_seen: non_padding` unless "
                  "set, and `use_cpu` where the accelerator is the CPU.\n")

@@ -62,3 +62,11 @@ def init_deepspeed_distributed() -> None:
     from deepspeed.accelerator import get_accelerator
 
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits; leaving it to interpreter teardown aborted
+    a rank here ("terminate called without an active exception") after a successful ZeRO-3 run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
