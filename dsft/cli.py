@@ -31,17 +31,19 @@ def cmd_train(a: argparse.Namespace) -> int:
     from dsft.config import load_config
     from dsft.train import run
 
-    from dsft.distributed import shutdown
+    from dsft.distributed import exit_now, shutdown
 
     cfg = load_config(a.config, a.set)
     try:
         result = run(cfg)
     finally:
-        shutdown()
+        distributed = shutdown()
     if result.eval_metrics:
         print(f"eval_loss {result.eval_metrics.get('eval_loss'):.4f}  "
               f"perplexity {result.eval_metrics.get('eval_perplexity', float('nan')):.3f}")
     print(f"saved to {result.output_dir}")
+    if distributed:
+        exit_now(0)
     return 0
 
 
@@ -89,6 +91,13 @@ def cmd_merge(a: argparse.Namespace) -> int:
 
     out = merge_adapter(a.adapter_dir, a.out, dtype=a.dtype, base=a.base, overwrite=a.overwrite)
     print(f"merged model saved to {out}")
+    return 0
+
+
+def cmd_consolidate(a: argparse.Namespace) -> int:
+    from dsft.checkpoint import consolidate
+
+    print(f"consolidated model saved to {consolidate(a.checkpoint, a.out, overwrite=a.overwrite)}")
     return 0
 
 
@@ -154,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output model dir")
     sp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the merged weights")
     sp.add_argument("--base", help="base model dir or hub id (default: the one the run used)")
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    sp = add("consolidate", cmd_consolidate, "Turn a ZeRO checkpoint into an HF model dir (DeepSpeed's zero_to_fp32).")
+    sp.add_argument("checkpoint", help="a checkpoint-N dir written under DeepSpeed")
+    sp.add_argument("--out", required=True, help="output model dir")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     sp = add("generate", cmd_generate, "Greedy generation from a model dir or an adapter dir.")

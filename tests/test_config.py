@@ -431,3 +431,24 @@ def test_reference_mentions_every_model_and_data_field():
 def test_from_dict_error_is_a_config_error():
     with pytest.raises(ConfigError, match=r"unknown key 'modle' in the top level: did you mean 'model'\?"):
         from_dict({"modle": {}})
+
+
+def test_validate_runs_the_deepspeed_linter(env, capsys):
+    path = write_config(env, {"deepspeed": "zero3_multinode", "train": {"bf16": True}})
+    # hpZ partition (devices per node) does not divide the world: an error naming the key, exit 2
+    code, out, err = run_cli(capsys, "validate", str(path), "--world-size", "3", "--devices-per-node", "2")
+    assert code == 2 and "zero_hpz_partition_size" in err and "Traceback" not in err
+    code, out, err = run_cli(capsys, "validate", str(path), "--world-size", "4", "--devices-per-node", "2")
+    assert code == 0, err
+
+
+def test_ds_config_prints_resolved_json(env, capsys):
+    import json
+
+    path = write_config(env, {"deepspeed": "zero2", "train": {"per_device_train_batch_size": 3,
+                                                              "gradient_accumulation_steps": 2}})
+    code, out, err = run_cli(capsys, "ds-config", str(path), "--world-size", "4")
+    assert code == 0, err
+    ds = json.loads(out)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert "auto" not in out
