@@ -155,3 +155,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def parameter_elements(model: nn.Module) -> tuple[int, int]:
+    """(elements this process holds, elements of the whole model); they differ under ZeRO-3, where each
+    parameter keeps only its partition in ``ds_tensor``."""
+    local = total = 0
+    for p in model.parameters():
+        total += getattr(p, "ds_numel", p.numel())
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    return local, total

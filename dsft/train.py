@@ -135,7 +135,7 @@ def build_trainer(cfg: RunConfig, args=None):
 RUN_INFO_NAME = "dsft_run_info.json"
 
 
-def write_run_info(args, topo: Topology, threads: int | None) -> dict:
+def write_run_info(args, topo: Topology, threads: int | None, model=None) -> dict:
     """Record who trained: every rank reports (rank, local rank, node) through the process group, and rank 0
     writes the list with the versions next to the outputs. Proves all ranks joined one world."""
     import json
@@ -145,6 +145,10 @@ def write_run_info(args, topo: Topology, threads: int | None) -> dict:
 
     me = {"rank": topo.rank, "local_rank": topo.local_rank, "node_rank": int(os.environ.get("GROUP_RANK", 0)),
           "host": platform.node(), "pid": os.getpid(), "threads": threads}
+    if model is not None:
+        from dsft.model import parameter_elements
+
+        me["param_elements_held"], me["param_elements_total"] = parameter_elements(model)
     ranks = [me]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         ranks = [None] * torch.distributed.get_world_size()
@@ -184,7 +188,7 @@ def run(cfg: RunConfig) -> RunResult:
         path = write_resolved(cfg, args.output_dir, use_cpu=accelerator_is_cpu())
         logger.info("resolved config written to %s", path)
     trainer, data = build_trainer(cfg, args)
-    write_run_info(args, topo, threads)
+    write_run_info(args, topo, threads, trainer.model)
     resume = args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
         resume = True
