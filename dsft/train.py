@@ -149,6 +149,9 @@ def write_run_info(args, topo: Topology, threads: int | None, model=None) -> dic
         from dsft.model import parameter_elements
 
         me["param_elements_held"], me["param_elements_total"] = parameter_elements(model)
+    from dsft.callbacks import peak_memory_bytes
+
+    me["peak_memory_gb_after_load"] = round(peak_memory_bytes() / 2**30, 3)
     ranks = [me]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         ranks = [None] * torch.distributed.get_world_size()
@@ -170,6 +173,46 @@ def write_run_info(args, topo: Topology, threads: int | None, model=None) -> dic
     return info
 
 
+def resolve_resume(cfg: RunConfig) -> str | None:
+    """The checkpoint dir train.resume_from_checkpoint names (true/last: the newest in output_dir), or None."""
+    from pathlib import Path
+
+    value = cfg.train.get("resume_from_checkpoint")
+    if value in (None, False, "") or str(value).lower() in ("false", "no", "none"):
+        return None
+    if value is True or str(value).lower() in ("true", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out = cfg.train["output_dir"]
+        last = get_last_checkpoint(out) if os.path.isdir(out) else None
+        if last is None:
+            raise ConfigError(f"train.resume_from_checkpoint: no checkpoint-* directory in {out}")
+        return last
+    if not Path(value).is_dir():
+        raise ConfigError(f"train.resume_from_checkpoint: {value} is not a directory")
+    return str(value)
+
+
+def adapt_to_world_size(cfg: RunConfig, resume: str | None, topo: Topology) -> RunConfig:
+    """A ZeRO checkpoint written by a different number of ranks is converted to DeepSpeed's universal
+    format (once) and loaded as such; same world size: unchanged."""
+    if not resume or not cfg.deepspeed:
+        return cfg
+    import dataclasses
+
+    from dsft.checkpoint import saved_world_size, to_universal
+    from dsft.deepspeed import deep_merge
+
+    saved = saved_world_size(resume)
+    if saved is None or saved == topo.world_size:
+        return cfg
+    logger.warning("checkpoint %s was written by %d ranks, this run has %d: loading it as a universal checkpoint",
+                   resume, saved, topo.world_size)
+    to_universal(resume, is_main=topo.rank == 0)
+    overrides = deep_merge(cfg.deepspeed_overrides, {"checkpoint": {"load_universal": True}})
+    return dataclasses.replace(cfg, deepspeed_overrides=overrides)
+
+
 def zero3_enabled() -> bool:
     # True while TrainingArguments holding a ZeRO-3 config are alive (transformers' own switch for zero.Init)
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -183,15 +226,14 @@ def run(cfg: RunConfig) -> RunResult:
     threads = configure_cpu_threads(topo)
     if threads is not None:
         logger.info("CPU: %d threads per rank (%d local ranks)", threads, topo.local_world_size)
+    resume = resolve_resume(cfg)
+    cfg = adapt_to_world_size(cfg, resume, topo)
     args = build_training_arguments(cfg, topo)
     if args.process_index == 0:
         path = write_resolved(cfg, args.output_dir, use_cpu=accelerator_is_cpu())
         logger.info("resolved config written to %s", path)
     trainer, data = build_trainer(cfg, args)
     write_run_info(args, topo, threads, trainer.model)
-    resume = args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True
     train_output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     result = RunResult(output_dir=args.output_dir, train_metrics=dict(train_output.metrics),

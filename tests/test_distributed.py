@@ -208,3 +208,37 @@ def test_zero3_loads_partitioned_and_lora_saves_a_real_adapter(tmp_path, tiny_mo
     assert lora_b and all(t.numel() > 0 for t in adapter.values())
     assert any(t.float().abs().sum() > 0 for t in lora_b)  # trained away from its zero init
     assert torch.isfinite(torch.tensor(_losses(tmp_path / "out"))).all()
+
+
+@pytest.mark.parametrize("template", ["zero2", "zero3"])
+def test_resume_on_a_different_world_size_goes_through_universal_checkpoint(tmp_path, tiny_model_dir, dist_data,
+                                                                             template):
+    """2 ranks save at step 5; 1 rank x accumulation 2 (same global batch) resumes: dsft notices the world-size
+    change, converts with ds_to_universal and continues the same loss trajectory; then back to 2 ranks."""
+    import shutil
+
+    full = tmp_path / "full"
+    full.mkdir()
+    _run(torchrun(_config(full, tiny_model_dir, dist_data, template, "fp32", save_strategy="steps", save_steps=5)))
+    reference = _losses(full / "out")
+
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copytree(full / "out" / "checkpoint-5", one / "out" / "checkpoint-5")
+    _run(torchrun(_config(one, tiny_model_dir, dist_data, template, "fp32", save_strategy="steps", save_steps=5,
+                          gradient_accumulation_steps=2, resume_from_checkpoint="last"), nproc=1))
+    assert (one / "out" / "checkpoint-5" / "latest_universal").is_file()
+    logs = [json.loads(line) for line in (one / "out" / "dsft_log.jsonl").read_text().splitlines()]
+    after = {r["step"]: r["loss"] for r in logs if "loss" in r}
+    assert sorted(after) == [6, 7, 8, 9, 10]
+    for step, loss in after.items():
+        assert abs(loss - reference[step - 1]) / reference[step - 1] < 1e-3, (step, loss, reference[step - 1])
+
+    # and back: the 1-rank checkpoint-10 resumes on 2 ranks for 2 more steps
+    back = _config(one, tiny_model_dir, dist_data, template, "fp32", steps=12, save_strategy="no",
+                   resume_from_checkpoint=str(one / "out" / "checkpoint-10"))
+    _run(torchrun(back))
+    assert (one / "out" / "checkpoint-10" / "latest_universal").is_file()
+    steps = [json.loads(line).get("step") for line in (one / "out" / "dsft_log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps[-2:] == [11, 12]
