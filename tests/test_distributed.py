@@ -158,37 +158,73 @@ def test_two_nodes_deepspeed_launcher_no_ssh(tmp_path, tiny_model_dir, dist_data
     assert len(_losses(tmp_path / "out")) == 4
 
 
-@pytest.mark.parametrize("template", ["zero2", "zero3"])
-def test_resume_continues_the_loss_trajectory(tmp_path, tiny_model_dir, dist_data, template):
-    full = tmp_path / "full"
-    full.mkdir()
-    _run(torchrun(_config(full, tiny_model_dir, dist_data, template, "fp32", save_strategy="steps", save_steps=5)))
-    reference = _losses(full / "out")
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
+@pytest.fixture(scope="module", params=["zero2", "zero3"])
+def checkpointed_run(request, tmp_path_factory, tiny_model_dir, dist_data) -> tuple[str, Path, list[float]]:
+    """A 10-step 2-rank fp32 run that saved checkpoint-5 and checkpoint-10: (template, output dir, losses)."""
+    d = tmp_path_factory.mktemp(f"reference-{request.param}")
+    _run(torchrun(_config(d, tiny_model_dir, dist_data, request.param, "fp32", save_strategy="steps",
+                          save_steps=5)))
+    return request.param, d / "out", _losses(d / "out")
+
+
+def _resume_from_step_5(checkpointed_run, workdir: Path, tiny_model_dir, dist_data, nproc: int = 2,
+                        **train) -> dict[int, float]:
+    """Copy checkpoint-5 into a new output dir, resume there, and return the losses logged after it."""
     import shutil
 
-    shutil.copytree(full / "out" / "checkpoint-5", resumed / "out" / "checkpoint-5")
-    _run(torchrun(_config(resumed, tiny_model_dir, dist_data, template, "fp32", save_strategy="steps", save_steps=5,
-                          resume_from_checkpoint=str(resumed / "out" / "checkpoint-5"))))
-    logs = [json.loads(line) for line in (resumed / "out" / "dsft_log.jsonl").read_text().splitlines()]
-    after = {r["step"]: r["loss"] for r in logs if "loss" in r}
+    template, out, _ = checkpointed_run
+    workdir.mkdir()
+    shutil.copytree(out / "checkpoint-5", workdir / "out" / "checkpoint-5")
+    _run(torchrun(_config(workdir, tiny_model_dir, dist_data, template, "fp32", save_strategy="steps",
+                          save_steps=5, resume_from_checkpoint="last", **train), nproc=nproc))
+    logs = [json.loads(line) for line in (workdir / "out" / "dsft_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in logs if "loss" in r}
+
+
+def _assert_continues(after: dict[int, float], reference: list[float]) -> None:
     assert sorted(after) == [6, 7, 8, 9, 10]
     for step, loss in after.items():
         assert abs(loss - reference[step - 1]) / reference[step - 1] < 1e-3, (step, loss, reference[step - 1])
+
+
+def test_resume_continues_the_loss_trajectory(tmp_path, tiny_model_dir, dist_data, checkpointed_run):
+    _, out, reference = checkpointed_run
+    _assert_continues(_resume_from_step_5(checkpointed_run, tmp_path / "resumed", tiny_model_dir, dist_data),
+                      reference)
 
     # dsft consolidate (zero_to_fp32) of the last checkpoint gives the weights the final save wrote
     import torch
     from transformers import AutoModelForCausalLM
 
-    proc = _run([sys.executable, "-m", "dsft", "consolidate", str(full / "out" / "checkpoint-10"),
+    proc = _run([sys.executable, "-m", "dsft", "consolidate", str(out / "checkpoint-10"),
                  "--out", str(tmp_path / "consolidated")])
     assert "consolidated model saved" in proc.stdout
-    final = AutoModelForCausalLM.from_pretrained(str(full / "out"), dtype=torch.float32).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "consolidated"), dtype=torch.float32).state_dict()
     assert final.keys() == merged.keys()
     for key in final:
         assert torch.equal(final[key], merged[key]), key
+
+
+def test_resume_on_a_different_world_size_goes_through_universal_checkpoint(tmp_path, tiny_model_dir, dist_data,
+                                                                             checkpointed_run):
+    """2 ranks saved at step 5; 1 rank x accumulation 2 (same global batch) resumes: dsft notices the world-size
+    change, converts with ds_to_universal and continues the same loss trajectory; then back to 2 ranks."""
+    template, _, reference = checkpointed_run
+    one = tmp_path / "one"
+    after = _resume_from_step_5(checkpointed_run, one, tiny_model_dir, dist_data, nproc=1,
+                                gradient_accumulation_steps=2)
+    assert (one / "out" / "checkpoint-5" / "latest_universal").is_file()
+    _assert_continues(after, reference)
+
+    # and back: the 1-rank checkpoint-10 resumes on 2 ranks for 2 more steps
+    back = _config(one, tiny_model_dir, dist_data, template, "fp32", steps=12, save_strategy="no",
+                   resume_from_checkpoint=str(one / "out" / "checkpoint-10"))
+    _run(torchrun(back))
+    assert (one / "out" / "checkpoint-10" / "latest_universal").is_file()
+    steps = [json.loads(line).get("step") for line in (one / "out" / "dsft_log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps[-2:] == [11, 12]
 
 
 def test_zero3_loads_partitioned_and_lora_saves_a_real_adapter(tmp_path, tiny_model_dir, dist_data):
@@ -210,35 +246,3 @@ def test_zero3_loads_partitioned_and_lora_saves_a_real_adapter(tmp_path, tiny_mo
     assert torch.isfinite(torch.tensor(_losses(tmp_path / "out"))).all()
 
 
-@pytest.mark.parametrize("template", ["zero2", "zero3"])
-def test_resume_on_a_different_world_size_goes_through_universal_checkpoint(tmp_path, tiny_model_dir, dist_data,
-                                                                             template):
-    """2 ranks save at step 5; 1 rank x accumulation 2 (same global batch) resumes: dsft notices the world-size
-    change, converts with ds_to_universal and continues the same loss trajectory; then back to 2 ranks."""
-    import shutil
-
-    full = tmp_path / "full"
-    full.mkdir()
-    _run(torchrun(_config(full, tiny_model_dir, dist_data, template, "fp32", save_strategy="steps", save_steps=5)))
-    reference = _losses(full / "out")
-
-    one = tmp_path / "one"
-    one.mkdir()
-    shutil.copytree(full / "out" / "checkpoint-5", one / "out" / "checkpoint-5")
-    _run(torchrun(_config(one, tiny_model_dir, dist_data, template, "fp32", save_strategy="steps", save_steps=5,
-                          gradient_accumulation_steps=2, resume_from_checkpoint="last"), nproc=1))
-    assert (one / "out" / "checkpoint-5" / "latest_universal").is_file()
-    logs = [json.loads(line) for line in (one / "out" / "dsft_log.jsonl").read_text().splitlines()]
-    after = {r["step"]: r["loss"] for r in logs if "loss" in r}
-    assert sorted(after) == [6, 7, 8, 9, 10]
-    for step, loss in after.items():
-        assert abs(loss - reference[step - 1]) / reference[step - 1] < 1e-3, (step, loss, reference[step - 1])
-
-    # and back: the 1-rank checkpoint-10 resumes on 2 ranks for 2 more steps
-    back = _config(one, tiny_model_dir, dist_data, template, "fp32", steps=12, save_strategy="no",
-                   resume_from_checkpoint=str(one / "out" / "checkpoint-10"))
-    _run(torchrun(back))
-    assert (one / "out" / "checkpoint-10" / "latest_universal").is_file()
-    steps = [json.loads(line).get("step") for line in (one / "out" / "dsft_log.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
-    assert steps[-2:] == [11, 12]
