@@ -29,9 +29,8 @@ def _setup_logging() -> None:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from dsft.config import load_config
-    from dsft.train import run
-
     from dsft.distributed import exit_now, shutdown
+    from dsft.train import run
 
     cfg = load_config(a.config, a.set)
     try:
@@ -51,7 +50,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
     from dsft.config import dump_yaml, load_config, resolved_dict
 
     cfg = load_config(a.config, a.set)  # fails fast, before the heavy imports below
-    from dsft.distributed import Topology, accelerator_is_cpu
+    from dsft.distributed import accelerator_is_cpu
     from dsft.train import build_training_arguments
 
     # TrainingArguments' own checks and the DeepSpeed linter; no model or data is loaded

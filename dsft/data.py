@@ -234,7 +234,7 @@ def tokenize_dataset(ds, cfg: DataConfig, tokenizer, key: str):
     max_len = cfg.max_seq_len
 
     def fn(batch: dict, indices: list[int]) -> dict:
-        out = {"input_ids": [], "labels": [], "truncated": [], "keep": []}
+        out = {"input_ids": [], "labels": [], "truncated": [], "n_targets": [], "n_tokens": []}
         n = len(indices)
         for j in range(n):
             row = {k: v[j] for k, v in batch.items()}
@@ -246,21 +246,22 @@ def tokenize_dataset(ds, cfg: DataConfig, tokenizer, key: str):
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["truncated"].append(cut)
-            out["keep"].append(any(t != IGNORE_INDEX for t in labels))
+            out["n_targets"].append(sum(1 for t in labels if t != IGNORE_INDEX))
+            out["n_tokens"].append(len(ids))
         return out
 
     tokenized = ds.map(fn, batched=True, with_indices=True, remove_columns=ds.column_names,
                        desc=f"tokenizing {key}", load_from_cache_file=False)
-    stats = DataStats(rows=len(tokenized), truncated=int(sum(tokenized["truncated"])))
-    keep = tokenized["keep"]
-    stats.dropped_no_target = keep.count(False) if isinstance(keep, list) else int(len(keep) - sum(keep))
-    tokenized = tokenized.filter(lambda k: k, input_columns="keep").remove_columns(["truncated", "keep"])
+    # the counts come from the map above: no second pass over the tokens
+    n_targets, n_tokens = list(tokenized["n_targets"]), list(tokenized["n_tokens"])
+    stats = DataStats(truncated=int(sum(tokenized["truncated"])), dropped_no_target=n_targets.count(0))
+    tokenized = tokenized.filter(lambda n: n > 0, input_columns="n_targets")
     if len(tokenized) == 0:
         raise DataError(f"data.{key}: no sample has a token to learn from after formatting and truncation")
     stats.rows = len(tokenized)
-    for ids, labels in zip(tokenized["input_ids"], tokenized["labels"]):
-        stats.tokens += len(ids)
-        stats.target_tokens += sum(1 for t in labels if t != IGNORE_INDEX)
+    stats.target_tokens = int(sum(n_targets))
+    stats.tokens = sum(n for n, t in zip(n_tokens, n_targets) if t > 0)
+    tokenized = tokenized.remove_columns(["truncated", "n_targets", "n_tokens"])
     return tokenized, stats
 
 
