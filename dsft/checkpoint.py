@@ -21,8 +21,9 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, o
         raise DsftError(f"{checkpoint_dir}: not a DeepSpeed ZeRO checkpoint (no 'latest' file or global_step* dir)")
     if not (checkpoint_dir / "config.json").is_file():
         raise DsftError(f"{checkpoint_dir}: no config.json to rebuild the model from")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DsftError(f"--out {out_dir}: exists and is not empty; choose another dir or pass --overwrite")
+    from dsft.export import check_output_dir, write_model_dir
+
+    check_output_dir(out_dir, overwrite)
 
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -36,14 +37,10 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, o
     if set(missing) - tied or unexpected:
         raise DsftError(f"{checkpoint_dir}: checkpoint does not match its config.json "
                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    tmp = out_dir.with_name(out_dir.name + ".tmp-consolidate")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    tokenizer = None
     if (checkpoint_dir / "tokenizer_config.json").is_file():
-        AutoTokenizer.from_pretrained(str(checkpoint_dir)).save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+    write_model_dir(model, tokenizer, out_dir)
     return out_dir
 
 

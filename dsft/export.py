@@ -60,24 +60,35 @@ def load_for_inference(path: str | os.PathLike, dtype: str = "fp32", base: str |
     return model, tokenizer
 
 
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output dir (before any heavy work) unless overwriting was asked for."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DsftError(f"--out {out_dir}: exists and is not empty; choose another dir or pass --overwrite")
+
+
+def write_model_dir(model, tokenizer, out_dir: Path) -> Path:
+    """Save an HF model dir (safetensors) into a temporary sibling, then swap it into place, so a failed
+    save never leaves a half-written dir where a model is expected."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp-write")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
 def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "fp32",
                   base: str | None = None, overwrite: bool = False) -> Path:
     """Merge a LoRA adapter into a freshly loaded full-precision base and save an HF model dir."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not is_adapter_dir(adapter_dir):
         raise DsftError(f"{adapter_dir}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DsftError(f"--out {out_dir}: exists and is not empty; choose another dir or pass --overwrite")
+    check_output_dir(out_dir, overwrite)
     model, tokenizer = load_for_inference(adapter_dir, dtype=dtype, base=base)
-    merged = model.merge_and_unload()
-    tmp = out_dir.with_name(out_dir.name + ".tmp-merge")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp))  # safetensors is the default and only format dsft writes
-    tokenizer.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    return write_model_dir(model.merge_and_unload(), tokenizer, out_dir)
 
 
 def generate(path: str | os.PathLike, prompt: str, max_new_tokens: int = 64, chat: bool = False,
