@@ -174,18 +174,23 @@ def write_run_info(args, topo: Topology, threads: int | None, model=None) -> dic
 
 
 def resolve_resume(cfg: RunConfig) -> str | None:
-    """The checkpoint dir train.resume_from_checkpoint names (true/last: the newest in output_dir), or None."""
+    """The checkpoint dir train.resume_from_checkpoint names, or None (fresh start).
+
+    ``true``/``last``: the newest checkpoint in output_dir (an error if there is none). ``auto``: the newest one
+    if there is any, else a fresh start: what a requeued job (Slurm) or a restarted launcher wants.
+    """
     from pathlib import Path
 
     value = cfg.train.get("resume_from_checkpoint")
     if value in (None, False, "") or str(value).lower() in ("false", "no", "none"):
         return None
-    if value is True or str(value).lower() in ("true", "last"):
+    mode = "last" if value is True else str(value).lower()
+    if mode in ("last", "true", "auto"):
         from transformers.trainer_utils import get_last_checkpoint
 
         out = cfg.train["output_dir"]
         last = get_last_checkpoint(out) if os.path.isdir(out) else None
-        if last is None:
+        if last is None and mode != "auto":
             raise ConfigError(f"train.resume_from_checkpoint: no checkpoint-* directory in {out}")
         return last
     if not Path(value).is_dir():
