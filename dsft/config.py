@@ -112,6 +112,42 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Slurm resources and requeue policy of dsft submit / sweep / sbatch (their flags override it)."""
+
+    nodes: int = _f(1, "Nodes per job.")
+    gpus_per_node: int = _f(0, "GPUs to request per node (--gpus-per-node); 0 on CPU-only nodes.")
+    tasks_per_node: int | None = _f(
+        None, "Training processes (ranks) per node: one per device. Default: gpus_per_node, or 1 without GPUs "
+        "(on CPU set the number of ranks you want).",
+    )
+    cpus_per_task: int | None = _f(None, "CPU cores per rank (--cpus-per-task); the cluster's default if unset.")
+    mem: str | int | None = _f(None, "Memory per node (--mem), e.g. 64G; the cluster's default if unset.")
+    time_min: int = _f(60, "Time limit in minutes (--time).")
+    partition: str | None = _f(None, "Partition (--partition); the cluster's default if unset.")
+    account: str | None = _f(None, "Account to charge (--account).")
+    qos: str | None = _f(None, "Quality of service (--qos).")
+    constraint: str | None = _f(None, "Node features required (--constraint), e.g. a100.")
+    exclusive: bool = _f(False, "Whole nodes only (--exclusive).")
+    job_name: str = _f("dsft", "Job name (--job-name).")
+    job_dir: str | None = _f(
+        None, "Where job scripts, submitted configs and per-rank logs go (one subdir per job); "
+        "default: train.output_dir + /slurm.",
+    )
+    signal_delay_s: int = _f(
+        90, "Slurm signals the job this many seconds before its time limit (USR2); the run then saves at the next "
+        "step and stops. Must cover one optimizer step plus a checkpoint save, and leave time_min*60 - "
+        "signal_delay_s >= 60.",
+    )
+    max_num_timeout: int = _f(
+        3, "Requeues after hitting the time limit (submitit's budget). submitit counts a preemption as a timeout "
+        "once the job has run min(80% of the time limit, time limit - 10 min): always for time limits <= 10 min.",
+    )
+    max_requeues: int = _f(10, "Requeues of any cause (preemption or time limit) before the job is left failed.")
+    array_parallelism: int = _f(4, "dsft sweep: points of the job array that may run at the same time.")
+
+
+@dataclass
 class RunConfig:
     """One fine-tuning run."""
 
@@ -125,6 +161,8 @@ class RunConfig:
         "DeepSpeed JSON. Absent: no DeepSpeed.",
     )
     deepspeed_overrides: dict = _f(help="Values merged (deeply) into the DeepSpeed config.", factory=dict)
+    slurm: SlurmConfig | None = _f(None, "Slurm resources and requeue policy (dsft submit / sweep / sbatch); "
+                                  "absent: the defaults.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -405,6 +443,10 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("peft.lora.target_modules: empty; list module names or use all-linear")
         if cfg.peft.lr_ratio <= 0:
             raise ConfigError(f"peft.lr_ratio: must be positive, got {cfg.peft.lr_ratio}")
+    if cfg.slurm is not None:
+        from dsft.slurm.resources import check_slurm_config
+
+        check_slurm_config(cfg.slurm)
     es = cfg.early_stopping
     if es is not None:
         if es.patience < 1:
@@ -496,6 +538,7 @@ def reference_markdown() -> str:
     for name, cls in (("model", ModelConfig), ("data", DataConfig), ("peft", PeftConfig),
                       ("early_stopping", EarlyStoppingConfig)):
         section(cls, name)
+    section(SlurmConfig, "slurm")
     lines.append("### top level\n\n| key | meaning |\n|---|---|")
     for f in dataclasses.fields(RunConfig):
         if f.name in ("deepspeed", "deepspeed_overrides"):
