@@ -93,10 +93,27 @@ class LoraConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """Load the frozen base weights quantized with bitsandbytes (QLoRA). Absent section: no quantization."""
+
+    bits: Literal[4, 8] = _f(4, "4: QLoRA (Linear4bit, packed weights). 8: LLM.int8 (Linear8bitLt); not with ZeRO-3.")
+    quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type: nf4 (NormalFloat, the QLoRA default) or fp4.")
+    double_quant: bool = _f(True, "4-bit: also quantize the per-block scales (saves ~0.4 bit per weight).")
+    compute_dtype: Literal["bf16", "fp32"] | None = _f(
+        None, "Dtype 4-bit layers dequantize to for their matmuls; default: model.dtype."
+    )
+    quant_storage: Literal["bf16", "fp32", "uint8"] | None = _f(
+        None, "4-bit: dtype the packed weights are stored as; default: model.dtype, which ZeRO-3 needs to "
+        "partition them (any other value is refused under ZeRO-3).",
+    )
+
+
+@dataclass
 class PeftConfig:
     """Parameter-efficient fine-tuning. Absent section: full fine-tune."""
 
     lora: LoraConfig = _f(help="LoRA settings.", factory=LoraConfig)
+    quantization: QuantizationConfig | None = _f(None, "Quantized base weights (QLoRA); absent: none.")
     lr_ratio: float = _f(
         1.0, "Learning-rate multiplier for LoRA B matrices and fully trained new modules (LoRA+ style)."
     )
@@ -443,6 +460,10 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("peft.lora.target_modules: empty; list module names or use all-linear")
         if cfg.peft.lr_ratio <= 0:
             raise ConfigError(f"peft.lr_ratio: must be positive, got {cfg.peft.lr_ratio}")
+        if cfg.peft.quantization is not None:
+            from dsft.quant import validate_quantization
+
+            validate_quantization(cfg)
     if cfg.slurm is not None:
         from dsft.slurm.resources import check_slurm_config
 
@@ -525,6 +546,9 @@ def reference_markdown() -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
+            # an optional section (X | None) is documented like a required one
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) else tp
             if dataclasses.is_dataclass(tp):
                 nested.append((tp, f"{name}.{f.name}"))
                 continue

@@ -366,51 +366,13 @@ def _num(v: Any) -> float | None:
 
 
 def _quantization(cfg: RunConfig) -> tuple[int | None, str | None]:
-    """(bits, bnb_4bit_quant_storage) from the PEFT section, tolerant of how the quantization section is shaped:
-    ``quantization: 4bit`` / ``8bit`` / ``nf4`` / 4, or a mapping/object with bits / load_in_4bit / ... and
-    ``bnb_4bit_quant_storage`` (also accepted on the peft section itself)."""
-    peft = cfg.peft
-    q = getattr(peft, "quantization", None) if peft is not None else None
-    if q is None or q is False:
+    """(bits, dtype the packed 4-bit weights are stored as) from ``peft.quantization``; (None, None) without it."""
+    q = cfg.peft.quantization if cfg.peft is not None else None
+    if q is None:
         return None, None
+    from dsft.quant import quant_storage
 
-    def field(obj: Any, name: str) -> Any:
-        return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-
-    def bits_of(value: Any) -> int | None:
-        if _is_int(value):
-            return value if value in (4, 8) else None
-        text = str(value).lower()
-        if text in ("4bit", "4-bit", "int4", "nf4", "fp4", "qlora", "bnb_4bit"):
-            return 4
-        if text in ("8bit", "8-bit", "int8", "llm.int8", "bnb_8bit"):
-            return 8
-        return None
-
-    if isinstance(q, (str, int)) and not isinstance(q, bool):
-        bits, storage = bits_of(q), None
-    else:
-        bits = None
-        for name in ("bits", "mode", "type", "method", "quant_type", "bnb_4bit_quant_type"):
-            bits = bits_of(field(q, name)) if field(q, name) is not None else None
-            if bits:
-                break
-        if bits is None and field(q, "load_in_4bit"):
-            bits = 4
-        if bits is None and field(q, "load_in_8bit"):
-            bits = 8
-        storage = field(q, "bnb_4bit_quant_storage") or field(q, "quant_storage")
-    storage = storage or getattr(peft, "bnb_4bit_quant_storage", None)
-    return bits, (str(storage) if storage is not None else None)
-
-
-_DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "torch.bfloat16": "bfloat16",
-                "fp16": "float16", "float16": "float16", "half": "float16", "torch.float16": "float16",
-                "fp32": "float32", "float32": "float32", "float": "float32", "torch.float32": "float32"}
-
-
-def _dtype_name(value: str | None) -> str | None:
-    return None if value is None else _DTYPE_NAMES.get(str(value).lower(), str(value).lower())
+    return q.bits, (quant_storage(q, cfg.model.dtype) if q.bits == 4 else None)
 
 
 def lint(cfg: RunConfig, ds: dict, world_size: int, devices_per_node: int,
@@ -503,15 +465,13 @@ def lint(cfg: RunConfig, ds: dict, world_size: int, devices_per_node: int,
     # quantized base weights (bitsandbytes) under ZeRO-3
     bits, storage = _quantization(cfg)
     if stage == 3 and bits == 8:
-        add("error", "peft.quantization", "8-bit (LLM.int8) weights cannot be partitioned by ZeRO-3; use 4-bit "
-            "QLoRA with bnb_4bit_quant_storage, or ZeRO-2", "quant_8bit_zero3")
-    if stage == 3 and bits == 4:
-        model_dtype = _dtype_name(cfg.model.dtype)
-        if _dtype_name(storage) != model_dtype:
-            add("error", "peft.quantization.bnb_4bit_quant_storage",
-                f"{storage or 'unset (uint8)'}: ZeRO-3 partitions the packed 4-bit weights as tensors of this dtype "
-                f"and needs it equal to the model dtype; set bnb_4bit_quant_storage: {model_dtype}",
-                "qlora_zero3_storage")
+        add("error", "peft.quantization.bits", "8 (LLM.int8) with ZeRO-3: upstream trains it with wrong losses; "
+            "use bits: 4 (QLoRA) or ZeRO-2", "quant_8bit_zero3")
+    if stage == 3 and bits == 4 and storage != cfg.model.dtype:
+        add("error", "peft.quantization.quant_storage",
+            f"{storage}: ZeRO-3 partitions the packed 4-bit weights as tensors of this dtype and needs it equal "
+            f"to the model dtype; remove it (it defaults to model.dtype) or set quant_storage: {cfg.model.dtype}",
+            "qlora_zero3_storage")
 
     # optimizer under ZeRO-Offload
     if off_opt:

@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from dsft.config import ModelConfig, PeftConfig
+from dsft.config import ModelConfig, PeftConfig, QuantizationConfig
 from dsft.errors import ConfigError, DsftError
 
 logger = logging.getLogger(__name__)
@@ -69,13 +69,18 @@ def load_config_object(cfg: ModelConfig):
     return config
 
 
-def load_model(cfg: ModelConfig):
-    """AutoModelForCausalLM from weights (``pretrained``) or random init (``from_config``)."""
+def load_model(cfg: ModelConfig, quantization: QuantizationConfig | None = None):
+    """AutoModelForCausalLM from weights (``pretrained``) or random init (``from_config``); with
+    ``quantization`` the linear layers are loaded as bitsandbytes 4-/8-bit layers (QLoRA)."""
     from transformers import AutoModelForCausalLM
 
     config = load_config_object(cfg)
     common = dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
                   trust_remote_code=cfg.trust_remote_code)
+    if quantization is not None:
+        from dsft.quant import bnb_config
+
+        common["quantization_config"] = bnb_config(quantization, cfg.dtype)
     if cfg.init == "from_config":
         model = AutoModelForCausalLM.from_config(config, **common)
     else:
@@ -92,6 +97,10 @@ def apply_lora(model, peft_cfg: PeftConfig, gradient_checkpointing_reentrant: bo
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    if peft_cfg.quantization is not None:
+        from dsft.quant import prepare_for_kbit_training
+
+        model = prepare_for_kbit_training(model)
     lo = peft_cfg.lora
     lora = PeftLoraConfig(
         r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,

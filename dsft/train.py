@@ -91,7 +91,7 @@ def _move_reporting_callbacks_last(trainer) -> None:
 
 def build_trainer(cfg: RunConfig, args=None):
     """Everything up to a ready Trainer. Returns (trainer, prepared data)."""
-    from transformers import EarlyStoppingCallback, Trainer
+    from transformers import EarlyStoppingCallback, Trainer, set_seed
 
     from dsft.data import make_collator, prepare_data
     from dsft.model import apply_lora, count_parameters, load_model, load_tokenizer, optimizer_cls_and_kwargs
@@ -105,7 +105,12 @@ def build_trainer(cfg: RunConfig, args=None):
     data = prepare_data(cfg.data, tokenizer, args.main_process_first)
     for split, stats in data.stats.items():
         logger.info("data %s%s", stats.summary(split), " (from cache)" if data.from_cache else "")
-    model = load_model(cfg.model)  # under ZeRO-3 each rank holds only its partition (zero.Init)
+    # The Trainer seeds in its __init__, after the model exists: seed here, or LoRA's random A matrices (and
+    # from_config weights) differ from run to run.
+    set_seed(args.seed)
+    # Under ZeRO-3 each rank holds only its partition (zero.Init) -- except for quantized models, which
+    # transformers loads whole on every rank (it skips zero.Init for them); DeepSpeed partitions them afterwards.
+    model = load_model(cfg.model, cfg.peft.quantization if cfg.peft is not None else None)
     if cfg.data.packing and not zero3_enabled():  # a ZeRO-3 forward needs every rank; proven in tests instead
         check_packing_isolation(model, model.config.vocab_size)
     if cfg.peft is not None:

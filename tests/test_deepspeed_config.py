@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import types
 from pathlib import Path
 
 import pytest
@@ -291,30 +290,26 @@ def test_lint_hpz_with_offload(make_cfg):
 
 
 def test_lint_8bit_with_zero3(make_cfg):
-    cfg, ds = resolved(make_cfg, "zero3", peft={})
-    cfg.peft.quantization = "8bit"  # the field arrives with the QLoRA issue; lint reads it with getattr
-    assert rules(dsd.lint(cfg, ds, 2, 2, None), "error") == {"quant_8bit_zero3"}
-    cfg2, ds2 = resolved(make_cfg, "zero2", peft={})
-    cfg2.peft.quantization = "8bit"
+    cfg, ds = resolved(make_cfg, "zero3", peft={"quantization": {"bits": 8}})
+    found = dsd.lint(cfg, ds, 2, 2, None)
+    assert rules(found, "error") == {"quant_8bit_zero3"}
+    assert found[0].key == "peft.quantization.bits" and "wrong losses" in found[0].message
+    cfg2, ds2 = resolved(make_cfg, "zero2", peft={"quantization": {"bits": 8}})
     assert dsd.lint(cfg2, ds2, 2, 2, None) == []
 
 
 def test_lint_qlora_zero3_needs_quant_storage_equal_to_model_dtype(make_cfg):
-    cfg, ds = resolved(make_cfg, "zero3", peft={})
-    for bad in ("4bit", {"bits": 4}, {"load_in_4bit": True, "bnb_4bit_quant_storage": "uint8"}):
-        cfg.peft.quantization = bad
+    for dtype, bad in (("bf16", "uint8"), ("bf16", "fp32"), ("fp32", "bf16")):
+        cfg, ds = resolved(make_cfg, "zero3", dtype=dtype, peft={"quantization": {"quant_storage": bad}})
         found = dsd.lint(cfg, ds, 2, 2, None)
-        assert rules(found, "error") == {"qlora_zero3_storage"}, bad
-        assert "bnb_4bit_quant_storage: bfloat16" in found[0].message
-    for good in ({"bits": 4, "bnb_4bit_quant_storage": "bfloat16"},
-                 types.SimpleNamespace(load_in_4bit=True, bnb_4bit_quant_storage="bf16")):
-        cfg.peft.quantization = good
-        assert dsd.lint(cfg, ds, 2, 2, None) == [], good
-    cfg.peft.quantization = "4bit"
-    cfg.peft.bnb_4bit_quant_storage = "torch.bfloat16"
-    assert dsd.lint(cfg, ds, 2, 2, None) == []
-    cfg2, ds2 = resolved(make_cfg, "zero2", peft={})
-    cfg2.peft.quantization = "4bit"
+        assert rules(found, "error") == {"qlora_zero3_storage"}, (dtype, bad)
+        assert found[0].key == "peft.quantization.quant_storage"
+        assert f"quant_storage: {dtype}" in found[0].message
+    for dtype, good in (("bf16", None), ("bf16", "bf16"), ("fp32", None), ("fp32", "fp32")):
+        # unset defaults to the model dtype, which is what ZeRO-3 needs
+        cfg, ds = resolved(make_cfg, "zero3", dtype=dtype, peft={"quantization": {"quant_storage": good}})
+        assert dsd.lint(cfg, ds, 2, 2, None) == [], (dtype, good)
+    cfg2, ds2 = resolved(make_cfg, "zero2", peft={"quantization": {"quant_storage": "uint8"}})
     assert dsd.lint(cfg2, ds2, 2, 2, None) == []  # ZeRO-2 does not partition weights
 
 
