@@ -27,16 +27,28 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def cmd_train(a: argparse.Namespace) -> int:
+def train_entry(config: str, overrides: list[str], callbacks=()):
+    """The training entry of `dsft train`, launch/train.py (torchrun, the deepspeed launcher) and every Slurm task
+    (dsft.slurm.job): check the config, train, tear the process group down.
+    Returns (RunResult, whether there was a process group)."""
     from dsft.config import load_config
-    from dsft.distributed import exit_now, shutdown
+    from dsft.distributed import shutdown
     from dsft.train import run
 
-    cfg = load_config(a.config, a.set)
+    _quiet_libraries()
+    _setup_logging()
+    cfg = load_config(config, overrides)
     try:
-        result = run(cfg)
+        result = run(cfg, callbacks)
     finally:
         distributed = shutdown()
+    return result, distributed
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from dsft.distributed import exit_now
+
+    result, distributed = train_entry(a.config, a.set)
     if result.eval_metrics:
         print(f"eval_loss {result.eval_metrics.get('eval_loss'):.4f}  "
               f"perplexity {result.eval_metrics.get('eval_perplexity', float('nan')):.3f}")
@@ -184,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("output_dir")
 
     add("reference", cmd_reference, "Print the run-config reference (markdown).")
+    from dsft.slurm.commands import add_slurm_commands
+
+    add_slurm_commands(add)  # submit, status, sweep, sbatch
     return p
 
 

@@ -32,6 +32,7 @@ class Preempted(Exception):
 @dataclass
 class _Watch:
     signum: int | None = None  # the signal armed, None when not armed
+    armed_at: float | None = None  # wall time the task armed (its first action after submitit started it)
     signal_at: float | None = None  # wall time the signal arrived in this process
     stopped_at_step: int | None = None  # step at which all ranks agreed to save and stop
     train_begin_at: float | None = None
@@ -53,7 +54,7 @@ def arm(signum: int):
         print(f"dsft: caught {signal.Signals(sig).name}: saving and stopping at the next step boundary", flush=True)
 
     signal.signal(signum, record)
-    _watch.signum = signum
+    _watch.signum, _watch.armed_at = signum, time.time()
     return previous
 
 
@@ -68,7 +69,7 @@ def signal_received_at() -> float | None:
 def timeline() -> dict:
     """What this process saw: when the signal came, where training stopped and (re)started (for the job's
     result: the requeue gap and the steps lost are computed from it)."""
-    return {"signal_at": _watch.signal_at, "stopped_at_step": _watch.stopped_at_step,
+    return {"armed_at": _watch.armed_at, "signal_at": _watch.signal_at, "stopped_at_step": _watch.stopped_at_step,
             "train_begin_at": _watch.train_begin_at, "start_step": _watch.start_step,
             "first_step_at": _watch.first_step_at}
 

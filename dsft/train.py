@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,8 +231,11 @@ def zero3_enabled() -> bool:
     return is_deepspeed_zero3_enabled()
 
 
-def run(cfg: RunConfig) -> RunResult:
-    """Train, save the final model (or adapter) and tokenizer to output_dir, evaluate."""
+def run(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> RunResult:
+    """Train, save the final model (or adapter) and tokenizer to output_dir, evaluate.
+
+    ``callbacks``: extra TrainerCallbacks (Slurm preemption, benchmarks, tests).
+    """
     topo = topology()
     threads = configure_cpu_threads(topo)
     if threads is not None:
@@ -244,6 +248,8 @@ def run(cfg: RunConfig) -> RunResult:
         logger.info("resolved config written to %s", path)
     trainer, data = build_trainer(cfg, args)
     write_run_info(args, topo, threads, trainer.model)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     train_output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     result = RunResult(output_dir=args.output_dir, train_metrics=dict(train_output.metrics),

@@ -102,7 +102,7 @@ def cmd_sbatch(a: argparse.Namespace) -> int:
 
     _, cfg = effective_config(a.config, a.set, _slurm_flags(a))
     job_dir = job_dir_of(cfg)
-    script = render(cfg, str(Path(a.config).absolute()), a.launcher, a.set, port=a.port, job_dir=str(job_dir))
+    script = render(cfg, str(Path(a.config).absolute()), a.launcher, a.set, port=a.port)
     job_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the directory of its --output
     if a.out:
         Path(a.out).write_text(script, encoding="utf-8")

@@ -25,6 +25,15 @@ from dsft import preemption
 REQUEUE_WAIT_S = 300
 
 
+def _restart_count() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT", 0))  # Slurm counts the requeues of a job
+
+
+def _this_attempt() -> dict:
+    """This attempt's timeline (signal, stop step, (re)start step, wall times) and its restart number."""
+    return dict(preemption.timeline(), restart=_restart_count())
+
+
 def export_distributed_env(env: submitit.JobEnvironment) -> None:
     """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (first node) and MASTER_PORT from Slurm.
 
@@ -32,8 +41,8 @@ def export_distributed_env(env: submitit.JobEnvironment) -> None:
     job does not meet the previous attempt's lingering listener. Each rank sees all GPUs of its node (the
     Trainer selects cuda:LOCAL_RANK), so CUDA_VISIBLE_DEVICES is left alone.
     """
-    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-    os.environ["MASTER_PORT"] = str(random.Random(f"{env.job_id}/{restart}").randint(20000, 60000))
+    port = random.Random(f"{env.job_id}/{_restart_count()}").randint(20000, 60000)
+    os.environ["MASTER_PORT"] = str(port)
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
@@ -72,7 +81,7 @@ class SlurmTraining(submitit.helpers.Checkpointable):
         with one more attempt recorded), or None once ``max_requeues`` requeues have been used up."""
         if len(self.attempts) >= self.max_requeues:
             return None  # submitit then ends the job: "Job not requeued because: checkpoint function returned None"
-        self.attempts.append(dict(preemption.timeline(), restart=int(os.environ.get("SLURM_RESTART_COUNT", 0))))
+        self.attempts.append(_this_attempt())
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
     def _hand_over_to_submitit(self, handler, signum: int, env, stop: preemption.Preempted) -> None:
@@ -94,8 +103,9 @@ class SlurmTraining(submitit.helpers.Checkpointable):
         return {
             "rank": env.global_rank, "local_rank": env.local_rank, "world_size": env.num_tasks, "node": env.node,
             "host": platform.node(), "pid": os.getpid(), "job_id": env.job_id,
-            "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-            "global_step": losses[-1][0] if losses else 0, "loss": losses[-1][1] if losses else None,
+            "restart": _restart_count(),
+            "global_step": max((r.get("step", 0) for r in result.log_history), default=0),
+            "loss": losses[-1][1] if losses else None, "loss_step": losses[-1][0] if losses else None,
             "eval_loss": result.eval_metrics.get("eval_loss"), "output_dir": result.output_dir,
-            "attempts": self.attempts + [preemption.timeline()],
+            "attempts": self.attempts + [_this_attempt()],
         }

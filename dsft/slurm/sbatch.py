@@ -59,7 +59,10 @@ def render(cfg: RunConfig, config_path: str, launcher: str, overrides: list[str]
     if not template.is_file():
         raise DsftError(f"{template}: sbatch template not found (set $DSFT_SLURM_TEMPLATES to a copy of slurm/)")
     s = cfg.slurm
-    job_dir = job_dir or s.job_dir or str(Path(cfg.train["output_dir"]) / "slurm")
+    if job_dir is None:
+        from dsft.slurm.submit import job_dir_of
+
+        job_dir = str(job_dir_of(cfg))
     options = per_node_launcher_resources(s)
     options.update({"chdir": workdir or os.getcwd(), "output": job_dir.replace("%", "%%") + "/%x-%j.out",
                     "open_mode": "append", "requeue": True})

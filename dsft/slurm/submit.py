@@ -63,7 +63,14 @@ def effective_config(config: str, overrides: list[str], slurm_flags: dict[str, A
 
 
 def job_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.slurm.job_dir or Path(cfg.train["output_dir"]) / "slurm").absolute()
+    """Where job scripts and logs go. Slurm's --output cannot name a path with a backslash (one turns its file
+    name patterns off and is dropped), so such a directory is refused."""
+    path = Path(cfg.slurm.job_dir or Path(cfg.train["output_dir"]) / "slurm").absolute()
+    if "\\" in str(path):
+        key = "slurm.job_dir" if cfg.slurm.job_dir else "train.output_dir (the default slurm.job_dir is under it)"
+        raise ConfigError(f"{key}: {path} has a backslash, which Slurm's --output file names cannot hold; "
+                          "set slurm.job_dir to a path without one")
+    return path
 
 
 def write_submitted_config(raw: dict, directory: Path, name: str | None = None) -> Path:
@@ -134,14 +141,21 @@ def wait(sub: Submitted) -> tuple[bool, list | str]:
 # status
 
 
+def _run_quiet(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
 def job_state(job_id: str) -> str:
-    """Slurm's state of a job: squeue while it is queued or running (works without accounting), then sacct."""
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.split()
+    """Slurm's state of a job: squeue while it is queued or running (works without accounting), then sacct
+    (finished jobs; needs accounting). UNKNOWN if neither knows it."""
+    out = _run_quiet(["squeue", "-h", "-j", job_id, "-o", "%T"]).split()
     if out:
         return out[0]
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
-                         capture_output=True, text=True).stdout.split("\n")
-    states = [line.split()[0] for line in out if line.strip()]
+    lines = _run_quiet(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]).splitlines()
+    states = [line.split()[0] for line in lines if line.strip()]
     return states[-1] if states else "UNKNOWN"
 
 
