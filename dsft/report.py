@@ -1,4 +1,4 @@
-"""Summaries of a run from its own log (``dsft_log.jsonl``)."""
+"""Summaries of a run from its own log (``dsft_log.jsonl``): text, a PNG of its curves, a markdown page."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def summary(output_dir: str | os.PathLike) -> dict:
         "first_eval_loss": evals[0]["eval_loss"] if evals else None,
         "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "tokens_per_second_per_device": sum(speeds) / len(speeds) if speeds else None,
+        "mfu": _mean([r["mfu"] for r in train if "mfu" in r]),
         "peak_memory_gb": max((r.get("peak_memory_gb", 0) for r in train), default=None),
         "train_runtime_s": final.get("train_runtime"),
     }
@@ -45,8 +46,87 @@ def format_summary(output_dir: str | os.PathLike) -> str:
         lines.append(f"eval loss: {s['first_eval_loss']:.4f} (first eval) -> {s['last_eval_loss']:.4f} (last eval)")
     if s["tokens_per_second_per_device"] is not None:
         lines.append(f"tokens/s per device (non-pad, mean of logs): {s['tokens_per_second_per_device']:.1f}")
+    if s["mfu"] is not None:
+        lines.append(f"MFU (mean of logs): {s['mfu']:.1%}")
     if s["peak_memory_gb"] is not None:
         lines.append(f"peak memory: {s['peak_memory_gb']:.2f} GB")
     if s["train_runtime_s"] is not None:
         lines.append(f"train time: {s['train_runtime_s']:.1f} s")
     return "\n".join(lines)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+REPORT_PNG = "dsft_report.png"
+REPORT_MD = "dsft_report.md"
+# (log key, panel title); a panel is drawn when the log has the key
+CURVES = (("loss", "train loss"), ("learning_rate", "learning rate"), ("grad_norm", "gradient norm"),
+          ("tokens_per_second_per_device", "tokens/s per device (non-pad)"), ("mfu", "MFU"),
+          ("peak_memory_gb", "peak memory (GB)"))
+
+
+def plot_curves(logs: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """One PNG with a panel per logged curve (eval loss drawn with the train loss), against the optimizer step."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    except ImportError:
+        raise DsftError("dsft report: plots need matplotlib (pip install matplotlib); or pass --text-only") from None
+    panels = [(key, label) for key, label in CURVES if any(key in r for r in logs)]
+    if not panels:
+        raise DsftError("dsft report: the log has no training curves to plot")
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.0 * rows), layout="constrained")
+    for n, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, n + 1)
+        points = [(r["step"], r[key]) for r in logs if key in r and "eval_loss" not in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None,
+                label="train" if key == "loss" else None)
+        if key == "loss":
+            evals = [(r["step"], r["eval_loss"]) for r in logs if "eval_loss" in r]
+            if evals:
+                ax.plot([p[0] for p in evals], [p[1] for p in evals], marker="o", label="eval")
+            ax.legend()
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def markdown_summary(output_dir: str | os.PathLike, png_name: str | None = REPORT_PNG) -> str:
+    s = summary(output_dir)
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    rows = [("optimizer steps", s["steps"]),
+            ("train loss (first -> last log)", f"{fmt(s['first_loss'], '.4f')} -> {fmt(s['last_loss'], '.4f')}"),
+            ("eval loss (first -> last eval)", None if s["first_eval_loss"] is None else
+             f"{fmt(s['first_eval_loss'], '.4f')} -> {fmt(s['last_eval_loss'], '.4f')}"),
+            ("tokens/s per device (non-pad, mean of logs)", fmt(s["tokens_per_second_per_device"], ".1f")),
+            ("MFU (mean of logs)", fmt(s["mfu"], ".1%")),
+            ("peak memory (GB)", fmt(s["peak_memory_gb"], ".2f")),
+            ("train time (s)", fmt(s["train_runtime_s"], ".1f"))]
+    lines = [f"# dsft run: {Path(output_dir).name}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows if v is not None]
+    if png_name:
+        lines += ["", f"![training curves]({png_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(output_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> list[Path]:
+    """Write ``dsft_report.png`` (the curves) and ``dsft_report.md`` (summary + the image) to ``out``
+    (default: the run's output dir). Returns the paths."""
+    logs = read_log(output_dir)
+    target = Path(out) if out else Path(output_dir)
+    png = plot_curves(logs, target / REPORT_PNG, title=Path(output_dir).name)
+    md = target / REPORT_MD
+    md.write_text(markdown_summary(output_dir, png.name), encoding="utf-8")
+    return [png, md]

@@ -1,0 +1,151 @@
+"""Planner validation on CPU: `dsft plan`'s predicted peak memory per rank vs the measured peak RSS of real runs.
+
+    .venv/bin/python bench/plan_validation.py [--rows NAME ...] [--steps 2] [--allocators fixed default] [--reuse]
+
+Rows: a tiny model (2 layers, hidden 128, SmolLM2's 49k vocabulary) and the SmolLM2-135M architecture with random
+weights (`model.init: from_config`), fp32, 1 and 2 ranks under torchrun, no DeepSpeed / ZeRO 0-3, activation
+checkpointing on and off, LoRA and full fine-tuning; 2 x 256 packed tokens per rank and step. Each rank's peak
+RSS comes from the kernel over the rank's whole life (bench/rank_peak.py); the prediction is the planner's
+per-rank peak on this machine (`Hardware(accelerator="cpu")`), whose fixed part is the process baseline measured
+here first (peak RSS of a process importing what a training process imports).
+
+Every row runs twice: with glibc's mmap threshold fixed at 128 KiB (``fixed``: freed tensors leave RSS, so RSS is
+what the run holds plus the libraries — what the planner predicts) and with glibc's defaults (``default``: freed
+heap blocks stay resident; the difference is allocator retention, which the planner does not model). Prints a
+markdown table and writes bench/results/plan_validation.json; ``--reuse`` re-predicts against the measurements
+stored there without running anything (for changes to the planner).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (FIXED_MMAP_THRESHOLD, HUMANEVAL, RESULTS, SMOLLM2, cpu_env, machine,  # noqa: E402
+                     markdown_table, run_dsft, write_result)
+
+TINY = {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
+# name: (model, ranks, deepspeed template or None, activation checkpointing, LoRA)
+ROWS = {
+    "tiny-1r": ("tiny", 1, None, False, False),
+    "tiny-2r-zero2": ("tiny", 2, "zero2", False, False),
+    "135m-1r": ("135m", 1, None, False, False),
+    "135m-1r-ac": ("135m", 1, None, True, False),
+    "135m-1r-lora": ("135m", 1, None, False, True),
+    "135m-2r-ddp": ("135m", 2, None, False, False),
+    "135m-2r-zero0-ac": ("135m", 2, "zero0", True, False),
+    "135m-2r-zero1-ac": ("135m", 2, "zero1", True, False),
+    "135m-2r-zero2": ("135m", 2, "zero2", False, False),
+    "135m-2r-zero2-ac": ("135m", 2, "zero2", True, False),
+    "135m-2r-zero3-ac": ("135m", 2, "zero3", True, False),
+    "135m-2r-zero3-lora": ("135m", 2, "zero3", False, True),
+}
+SEQ, MICRO = 256, 2
+
+
+def run_config(row: str, steps: int) -> dict:
+    model, _ranks, ds, ac, lora = ROWS[row]
+    cfg = {
+        "model": {"name_or_path": str(SMOLLM2), "init": "from_config", "dtype": "fp32",
+                  "config_overrides": TINY if model == "tiny" else {}},
+        "data": {"train": str(HUMANEVAL), "format": "prompt_completion", "max_seq_len": SEQ, "packing": True},
+        "train": {"output_dir": "unused", "max_steps": steps, "per_device_train_batch_size": MICRO,
+                  "logging_steps": 1, "report_to": "none", "save_strategy": "no", "bf16": False,
+                  "gradient_checkpointing": ac, "seed": 0},
+    }
+    if ds:
+        cfg["deepspeed"] = ds
+    if lora:
+        cfg["peft"] = {"lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}}
+    return cfg
+
+
+def predict(cfg_dict: dict, ranks: int, baseline: int) -> dict:
+    from dsft.config import from_dict, validate
+    from dsft.plan import Hardware, configured_setup, ds_config_of, memory, model_shape
+
+    cfg = from_dict(cfg_dict)
+    validate(cfg)
+    hw = Hardware(nodes=1, devices_per_node=ranks, accelerator="cpu",
+                  host_memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                  device_memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                  process_baseline_bytes=baseline)
+    ds = ds_config_of(cfg)
+    shape = model_shape(cfg)
+    mem = memory(cfg, shape, hw, configured_setup(cfg, ds), ds)
+    return {"params": shape.params, "trainable": shape.trainable, **mem.as_dict()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--allocators", nargs="+", default=["fixed", "default"], choices=["fixed", "default"])
+    p.add_argument("--reuse", action="store_true", help="re-predict against bench/results/plan_validation.json")
+    a = p.parse_args()
+    from dsft.plan import process_baseline_bytes
+
+    stored = RESULTS / "plan_validation.json"
+    previous = json.loads(stored.read_text()) if stored.is_file() else {"rows": []}
+    measured = {r["row"]: r for r in previous["rows"] if r["row"] in ROWS}
+    if a.reuse:
+        baseline, info = previous["process_baseline_bytes"], previous["machine"]
+    else:
+        # rows measured now replace the stored ones; the others stay
+        baseline, info = process_baseline_bytes(), machine()
+        with tempfile.TemporaryDirectory() as tmp:
+            for row in a.rows:
+                cfg = run_config(row, a.steps)
+                entry = {"row": row, "config": cfg, "seconds": {}, "peak_rss_bytes": {}}
+                for alloc in a.allocators:
+                    env = cpu_env(**(FIXED_MMAP_THRESHOLD if alloc == "fixed" else {}))
+                    rec = run_dsft(cfg, Path(tmp), f"{row}-{alloc}", nproc=ROWS[row][1], env=env)
+                    entry["seconds"][alloc] = round(rec.seconds, 1)
+                    entry["peak_rss_bytes"][alloc] = {str(k): v for k, v in sorted(rec.peak_rss_bytes.items())}
+                    print(f"# {row} ({alloc} malloc): {rec.seconds:.0f} s, peak RSS per rank "
+                          f"{[round(v / 2**30, 3) for v in rec.peak_rss_bytes.values()]} GiB", file=sys.stderr,
+                          flush=True)
+                measured[row] = entry
+                write_result("plan_validation", {"machine": info, "process_baseline_bytes": baseline,
+                                                 "rows": list(measured.values())})
+
+    rows_out, table = [], []
+    for row in [r for r in ROWS if r in measured]:
+        m = measured[row]
+        pred = predict(m["config"], ROWS[row][1], baseline)
+        fixed, default = m["peak_rss_bytes"].get("fixed", {}), m["peak_rss_bytes"].get("default", {})
+        errors = {}
+        for rank in sorted(set(fixed) | set(default)):
+            meas, dflt = fixed.get(rank), default.get(rank)
+            err = (pred["peak"] - meas) / meas if meas else None
+            errors[rank] = err
+            model, ranks, ds, ac, lora = ROWS[row]
+            table.append([row, f"{model} ({pred['params'] / 1e6:.1f}M)", ranks, ds or "none", "on" if ac else "off",
+                          "LoRA" if lora else "full", rank, f"{pred['peak'] / 2**30:.2f}", pred["peak_phase"],
+                          f"{meas / 2**30:.2f}" if meas else "-", f"{err:+.1%}" if err is not None else "-",
+                          ("yes" if abs(err) <= 0.15 else "NO") if err is not None else "-",
+                          f"{dflt / 2**30:.2f}" if dflt else "-",
+                          f"{(pred['peak'] - dflt) / dflt:+.1%}" if dflt else "-"])
+        rows_out.append({**m, "predicted": pred, "relative_error_fixed_malloc": errors})
+    headers = ["row", "model", "ranks", "ZeRO", "act. ckpt", "tuning", "rank", "predicted peak (GiB)",
+               "predicted peak phase", "measured peak RSS (GiB)", "error", "within 15%",
+               "peak RSS, default malloc (GiB)", "error vs default"]
+    print(markdown_table(headers, table))
+    errs = [abs(e) for r in rows_out for e in r["relative_error_fixed_malloc"].values() if e is not None]
+    worst = max(errs, default=0.0)
+    print(f"\nprocess baseline (measured): {baseline / 2**30:.3f} GiB; worst |pred - meas| / meas: {worst:.1%} "
+          f"({sum(e <= 0.15 for e in errs)}/{len(errs)} rank rows within 15%); machine: {info.get('cpu')}, "
+          f"{info.get('cores')} cores, {info.get('memory_gib')} GiB")
+    write_result("plan_validation", {"machine": info, "process_baseline_bytes": baseline, "seq_len": SEQ,
+                                     "micro_batch": MICRO, "steps": a.steps, "rows": rows_out,
+                                     "worst_relative_error": worst})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,924 @@
+"""``dsft plan``: will a run fit, and how fast will it go — from the model config alone.
+
+The model is built on the meta device (no weights, no RAM) to count parameters; peft wraps it the same way to
+count the LoRA share. Per device the planner predicts
+
+- model states (weights, gradients, optimizer states) with DeepSpeed's ZeRO formulas
+  (``dsft.deepspeed.model_state_bytes``), scaled to the run's precision (fp32 / bf16 weights, mixed-precision
+  master copies, 4-bit base weights);
+- activations per micro-batch from a tensor-by-tensor count of what autograd saves in a pre-norm decoder layer
+  (attention with rotary embeddings, gated MLP) and in the loss over the vocabulary, with and without activation
+  checkpointing — ``tests/test_plan.py`` checks the count against the tensors torch really saves;
+- DeepSpeed buffers (gradient buckets; ZeRO-3's gathered parameters and prefetch) and a fixed per-process
+  overhead: the CUDA context on a GPU, the measured library baseline of a training process on the CPU;
+- the peak, as the largest of the phases loading, forward/backward, optimizer step and final save.
+
+Step time comes from FLOPs (6 per parameter per token, 4 for frozen weights, plus attention and activation
+recompute) at a stated MFU on a table of accelerator peaks (the CPU's peak is measured). ``recommend`` searches
+ZeRO stage, offload, activation checkpointing and micro-batch for the fastest setup that fits at the configured
+global batch. ``bench/plan_validation.py`` compares the predictions with measured peaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dsft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dsft.config import RunConfig
+
+GiB = 2**30
+
+# Dense bf16 peak FLOP/s (vendor datasheets, SXM/OAM parts, no sparsity) and device memory.
+ACCELERATORS: dict[str, dict[str, float]] = {
+    "A100": {"peak_flops": 312e12, "memory_bytes": 80 * GiB},
+    "H100": {"peak_flops": 989e12, "memory_bytes": 80 * GiB},
+    "H200": {"peak_flops": 989e12, "memory_bytes": 141e9},
+    "MI300X": {"peak_flops": 1307e12, "memory_bytes": 192 * GiB},
+}
+DEFAULT_MFU = 0.40  # what well-tuned fine-tuning reaches on these parts; the estimate scales with it
+DEFAULT_MFU_CPU = 0.5  # of the measured matmul peak (small matmuls, elementwise ops and the optimizer cost the rest)
+DEFAULT_HOST_BYTES = 512 * GiB
+GPU_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA/ROCm context + allocator reserve, per process
+GPU_HOST_PROCESS_BYTES = 3 * GiB  # host RAM of one GPU training process (libraries incl. CUDA, data, pinned bufs)
+FIT_FRACTION = 0.92  # plan to at most this share of device memory (allocator fragmentation, spikes)
+OFFLOAD_HOST_BYTES_PER_S = 10e9  # optimizer offload: host Adam + PCIe traffic, per device (rough)
+PCIE_BYTES_PER_S = 25e9  # parameter offload traffic per device
+
+
+# --------------------------------------------------------------------------------------------------
+# the model, counted on the meta device
+
+
+@dataclass
+class ModelShape:
+    """Parameter counts and dimensions of the model a run config describes."""
+
+    architecture: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    params: int  # unique parameters, LoRA adapters included
+    trainable: int
+    embedding_params: int
+    lm_head_params: int  # 0 when tied to the embeddings
+    matmul_params: int  # weights used in matmuls per token (decoder linears + lm_head, tied or not)
+    frozen_matmul_params: int
+    quantizable_params: int  # decoder-layer linear weights (what bitsandbytes quantizes; lm_head stays)
+    largest_layer_params: int  # DeepSpeed's definition: most parameters directly in one module
+    lora_params: int = 0
+    lora_modules: list = field(default_factory=list)  # (input group, in_features) of one layer's adapted linears
+    lora_rank: int = 0
+
+
+def _first(config: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def model_config_for(cfg: RunConfig):
+    """The model's transformers config with model.config_overrides applied (no weights are read)."""
+    from dsft.model import load_config_object
+
+    try:
+        return load_config_object(cfg.model)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable config dir / unknown hub id: one line naming the key
+        raise ConfigError(f"model.name_or_path: cannot read the model config from {cfg.model.name_or_path!r} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def model_shape(cfg: RunConfig, config: Any = None) -> ModelShape:
+    """Count the parameters of the run's model on the meta device; with a peft section, wrap it in LoRA there."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = config if config is not None else model_config_for(cfg)
+    # torch.device("meta"), not accelerate's init_empty_weights: under the latter transformers does not tie the
+    # lm_head to the embeddings, which would count a tied model's head twice
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(_first(text, "hidden_size", "n_embd", "d_model"))
+    heads = int(_first(text, "num_attention_heads", "n_head"))
+    shape_kwargs = dict(
+        architecture=type(model).__name__,
+        layers=int(_first(text, "num_hidden_layers", "n_layer")),
+        hidden=hidden,
+        intermediate=int(_first(text, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
+        heads=heads,
+        kv_heads=int(_first(text, "num_key_value_heads", default=heads)),
+        head_dim=int(_first(text, "head_dim", default=hidden // heads)),
+        vocab=int(text.vocab_size),
+    )
+    out_emb = model.get_output_embeddings()
+    in_emb = model.get_input_embeddings()
+    tied = out_emb is not None and out_emb.weight is in_emb.weight
+    lm_head = out_emb.weight.numel() if out_emb is not None else 0
+    decoder_linear = sum(m.weight.numel() for m in model.modules()
+                         if isinstance(m, torch.nn.Linear) and m is not out_emb)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+
+    lora_params = rank = 0
+    lora_modules: list[tuple[str, int]] = []
+    if cfg.peft is not None:
+        from dsft.model import apply_lora
+
+        with torch.device("meta"):
+            model = apply_lora(model, cfg.peft, gradient_checkpointing_reentrant=False)
+        rank = cfg.peft.lora.r
+        first_layer = None
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                lora_params += sum(p.numel() for p in module.lora_A.parameters())
+                lora_params += sum(p.numel() for p in module.lora_B.parameters())
+                layer = re.search(r"\.(\d+)\.", name)
+                if layer and (first_layer is None or layer.group(1) == first_layer):
+                    first_layer = layer.group(1)
+                    lora_modules.append((lora_group(name), int(module.in_features)))
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    matmul = decoder_linear + lm_head
+    frozen_mm = matmul if cfg.peft is not None else 0
+    if cfg.peft is not None and cfg.peft.lora.modules_to_save and "lm_head" in cfg.peft.lora.modules_to_save:
+        frozen_mm -= lm_head
+    return ModelShape(**shape_kwargs, tied_embeddings=tied, params=params, trainable=trainable,
+                      embedding_params=in_emb.weight.numel(), lm_head_params=0 if tied else lm_head,
+                      matmul_params=matmul, frozen_matmul_params=frozen_mm, quantizable_params=decoder_linear,
+                      largest_layer_params=largest, lora_params=lora_params, lora_modules=lora_modules,
+                      lora_rank=rank)
+
+
+# --------------------------------------------------------------------------------------------------
+# the setup being planned
+
+
+@dataclass
+class Hardware:
+    nodes: int = 1
+    devices_per_node: int = 1  # GPUs per node, or ranks per node on the CPU
+    device_memory_bytes: float = 80 * GiB  # on the CPU: the host memory shared by the node's ranks
+    host_memory_bytes: float = 512 * GiB
+    accelerator: str = "H100"  # a key of ACCELERATORS, or "cpu"
+    peak_flops: float | None = None  # per device; None: from ACCELERATORS
+    mfu: float = DEFAULT_MFU
+    process_baseline_bytes: int | None = None  # CPU: RSS of a training process before the model (measured)
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.accelerator == "cpu"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One way to run: ZeRO stage (0 = no ZeRO), offloads, activation checkpointing, micro-batch, accumulation."""
+
+    stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    activation_checkpointing: bool
+    micro_batch: int
+    accumulation: int
+    deepspeed: bool = True  # False: plain DDP / single process (stage must be 0)
+
+    def describe(self) -> str:
+        if not self.deepspeed:
+            zero = "no DeepSpeed"
+        else:
+            zero = f"ZeRO-{self.stage}"
+            off = [n for n, on in (("optimizer", self.offload_optimizer), ("params", self.offload_params)) if on]
+            zero += f" + offload {'/'.join(off)}" if off else ""
+        ac = "activation checkpointing" if self.activation_checkpointing else "no activation checkpointing"
+        return f"{zero}, {ac}, micro-batch {self.micro_batch} x accumulation {self.accumulation}"
+
+    def template(self) -> str | None:
+        """The dsft DeepSpeed template that gives this setup (None: no DeepSpeed)."""
+        if not self.deepspeed:
+            return None
+        if self.stage == 3 and (self.offload_optimizer or self.offload_params):
+            return "zero3_offload"
+        if self.stage == 2 and self.offload_optimizer:
+            return "zero2_offload"
+        return f"zero{self.stage}"
+
+
+@dataclass
+class Precision:
+    weight_bytes: float  # bytes per weight element the module holds while training
+    compute_bytes: int  # dtype of matmul outputs / activations
+    master_copy: bool  # an fp32 copy of the trainable weights in the optimizer (DeepSpeed mixed precision)
+    adam_state_bytes: int  # per trainable element (two moments)
+    autocast: bool  # fp32 weights with bf16/fp16 autocast: each forward casts the weights
+
+
+def precision_of(cfg: RunConfig, ds: dict | None) -> Precision:
+    """How the run keeps its tensors: DeepSpeed with bf16/fp16 casts the module to 16 bits and keeps fp32 master
+    weights; without DeepSpeed the weights stay in model.dtype and bf16 runs as autocast."""
+    t = cfg.train
+    half = bool(t.get("bf16") or t.get("fp16"))
+    if ds is not None:
+        from dsft.deepspeed import get_path
+
+        ds_half = any(get_path(ds, f"{k}.enabled") in (True, "auto") and (get_path(ds, f"{k}.enabled") is True
+                                                                           or t.get(k)) for k in ("bf16", "fp16"))
+        if ds_half:
+            return Precision(2, 2, True, 8, autocast=False)
+        # DeepSpeed in fp32: ZeRO still keeps its own fp32 partition for the optimizer (a copy)
+        return Precision(4, 4, zero_stage_of(ds) >= 1, 8, autocast=False)
+    weight = 2 if cfg.model.dtype == "bf16" else 4
+    if weight == 2:
+        return Precision(2, 2, False, 4, autocast=False)  # torch optimizers keep moments in the param dtype
+    return Precision(4, 2 if half else 4, False, 8, autocast=half)
+
+
+def zero_stage_of(ds: dict | None) -> int:
+    from dsft.deepspeed import zero_stage
+
+    return zero_stage(ds) if ds is not None else 0
+
+
+def quantization_bits(cfg: RunConfig) -> int | None:
+    from dsft.deepspeed import _quantization
+
+    return _quantization(cfg)[0]
+
+
+def _double_quant(cfg: RunConfig) -> bool:
+    q = getattr(cfg.peft, "quantization", None) if cfg.peft is not None else None
+    for name in ("bnb_4bit_use_double_quant", "double_quant", "use_double_quant"):
+        value = q.get(name) if isinstance(q, dict) else getattr(q, name, None)
+        if value is not None:
+            return bool(value)
+    return False
+
+
+def weight_bytes_total(shape: ModelShape, prec: Precision, bits: int | None, double_quant: bool = False) -> float:
+    """Bytes of all weights as the module holds them. bitsandbytes 4-bit: 0.5 byte per decoder-linear weight plus
+    one fp32 absmax per 64 (double quantization: 8-bit absmax + fp32 per 256 blocks); 8-bit: 1 byte + fp32 row
+    scales (negligible). Everything else (embeddings, norms, lm_head, LoRA) in the module dtype."""
+    if bits in (4, 8):
+        q = shape.quantizable_params
+        per = 0.5 + ((1 / 64 + 4 / (64 * 256)) if double_quant else 4 / 64) if bits == 4 else 1.0
+        return q * per + (shape.params - q) * prec.weight_bytes
+    return shape.params * prec.weight_bytes
+
+
+# --------------------------------------------------------------------------------------------------
+# memory
+
+
+@dataclass
+class Memory:
+    """Per-device bytes; ``peak`` is the largest phase. ``host`` is per node."""
+
+    weights: int
+    gradients: int
+    optimizer_states: int
+    optimizer_step_extra: int  # DeepSpeed's fp32 gradient partition, alive during the optimizer step
+    activations: int
+    buffers: int
+    overhead: int
+    peak: int
+    peak_phase: str
+    phases: dict[str, int]
+    host: dict[str, int]
+
+    @property
+    def model_states(self) -> int:
+        return self.weights + self.gradients + self.optimizer_states
+
+    def as_dict(self) -> dict:
+        return {"model_states": self.model_states, "weights": self.weights, "gradients": self.gradients,
+                "optimizer_states": self.optimizer_states, "optimizer_step_extra": self.optimizer_step_extra,
+                "activations": self.activations, "buffers": self.buffers,
+                "overhead": self.overhead, "peak": self.peak, "peak_phase": self.peak_phase,
+                "phases": dict(self.phases), "host": dict(self.host)}
+
+
+# which input a LoRA-adapted linear reads, from its name: the attention norm's output, the attention output,
+# the MLP norm's output, or the MLP's inner product
+_LORA_GROUPS = (("attn_out", ("o_proj", "out_proj", "wo", "dense")), ("mlp_mid", ("down_proj", "w2", "fc2")),
+                ("mlp_in", ("gate_proj", "up_proj", "w1", "w3", "fc1")))
+
+
+def lora_group(module_name: str) -> str:
+    leaf = module_name.rsplit(".", 1)[-1]
+    return next((group for group, names in _LORA_GROUPS if leaf in names), "attn_in")
+
+
+def layer_activation_bytes(shape: ModelShape, prec: Precision, seq_len: int, attn: str, lora_dropout: float,
+                           full_finetune: bool) -> float:
+    """Bytes autograd keeps per token for one decoder layer (pre-norm attention with rotary + gated MLP).
+
+    Counted tensor by tensor as torch 2.x / transformers 5 save them (``tests/test_plan.py`` checks this against
+    ``saved_tensors_hooks``): each RMSNorm keeps its fp32 input and 1/rms, plus its normalized output when the
+    norm weight trains; a linear keeps its input only when its weight trains (under autocast, one bf16 cast per
+    linear); sdpa keeps q, k, v (at the query head count when a mask is passed, as packing and padding do), the
+    output and the log-sum-exp, plus the float mask; the gated MLP keeps gate, silu(gate) and up (and their
+    product for a training down projection). LoRA (peft keeps adapters in fp32) adds per adapted linear the
+    dropout mask and output, or its input cast, and the rank-r intermediate.
+    """
+    h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
+    a = prec.compute_bytes
+    r = prec.weight_bytes if prec.weight_bytes in (2, 4) else 2
+    norm = 4 * h + 4 + ((4 if r == 4 else r) * h if full_finetune else 0)
+    if full_finetune:
+        linear_inputs = (3 + 2) * a * h if prec.autocast else 2 * r * h
+        down_in = a * i
+    else:
+        linear_inputs = down_in = 0
+    if attn in ("flash_attention_2", "flash_attention_3"):
+        attention = 2 * a * q + 2 * a * shape.kv_heads * shape.head_dim + 4 * shape.heads
+    else:
+        attention = 4 * a * q + 4 * shape.heads
+        if attn in ("sdpa", "eager"):
+            attention += a * seq_len  # the float mask built from packed position_ids or the padding mask
+        if attn == "eager":  # probabilities in fp32 (and their cast back to a 16-bit compute dtype), per key
+            attention += shape.heads * seq_len * (4 + (a if a != 4 else 0))
+    mlp = 3 * a * i + down_in
+    lora = 0.0
+    counted_groups: set[str] = set()
+    for group, fan_in in shape.lora_modules:
+        lora += (2 if prec.autocast else 4) * shape.lora_rank  # lora_B's input
+        if lora_dropout > 0:
+            lora += fan_in * (6 if prec.autocast else 8)  # fp32 mask + output (or its bf16 cast under autocast)
+        elif prec.autocast:
+            lora += 2 * fan_in
+        elif r == 2:
+            lora += 4 * fan_in  # the bf16 input cast to the fp32 adapter
+        elif group != "attn_out" and group not in counted_groups:  # fp32: the shared input itself
+            lora += 4 * fan_in
+            counted_groups.add(group)
+    return 2 * norm + linear_inputs + attention + mlp + lora
+
+
+def activation_bytes(shape: ModelShape, prec: Precision, micro_batch: int, seq_len: int, checkpointing: bool,
+                     attn: str = "sdpa", lora_dropout: float = 0.0) -> dict[str, float]:
+    """Activation memory of one micro-batch. ``saved_forward``: what autograd holds at the end of the forward
+    pass; ``total``: the peak at the start of backward, which adds the loss's gradients over the vocabulary (and
+    with checkpointing, the recomputed layer)."""
+    tokens = micro_batch * seq_len
+    full = shape.frozen_matmul_params == 0
+    per_layer = layer_activation_bytes(shape, prec, seq_len, attn, lora_dropout, full)
+    r = prec.weight_bytes if prec.weight_bytes in (2, 4) else 2
+    layers_saved = shape.layers * (r * shape.hidden if checkpointing else per_layer)
+    recompute = per_layer if checkpointing else 0  # one layer's full set while it is recomputed
+    final_norm = 4 * shape.hidden + 4 + (r * shape.hidden if full else 0) + (
+        prec.compute_bytes * shape.hidden if prec.autocast and full else 0)
+    saved_loss = 4 * shape.vocab + final_norm  # cross_entropy keeps the fp32 log-softmax
+    backward = 8 * shape.vocab  # at the start of backward: its gradient and the logits' gradient
+    saved = (layers_saved + saved_loss) * tokens
+    return {"per_layer_per_token": per_layer, "saved_forward": saved,
+            "total": saved + max(backward, recompute) * tokens}
+
+
+def autocast_weight_copies(shape: ModelShape, prec: Precision, checkpointing: bool) -> int:
+    """Under autocast every linear's weight is cast to bf16 in the forward and the copy is kept for backward; with
+    checkpointing only the lm_head's copy is (the layers cast again when they are recomputed)."""
+    if not prec.autocast:
+        return 0
+    return 2 * (shape.vocab * shape.hidden if checkpointing else shape.matmul_params)
+
+
+def _ds_sizes(ds: dict | None, cfg: RunConfig, shape: ModelShape, world: int, per_node: int) -> dict:
+    """Bucket sizes (elements) with DeepSpeed's "auto" values filled as the HF integration fills them."""
+    if ds is None:
+        return {}
+    from dsft.deepspeed import _zget, resolve_auto
+
+    try:
+        resolved = resolve_auto(ds, cfg, world, hidden_size=shape.hidden, devices_per_node=per_node)
+    except ConfigError:
+        resolved = ds
+
+    def num(name: str, default: float) -> float:
+        value = _zget(resolved, name, default)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+    z = resolved.get("zero_optimization", {}) if isinstance(resolved.get("zero_optimization"), dict) else {}
+    stage = zero_stage_of(resolved)
+    return {
+        "reduce_bucket": num("reduce_bucket_size", 5e8),
+        "allgather_bucket": num("allgather_bucket_size", 5e8),
+        "prefetch_bucket": num("stage3_prefetch_bucket_size", 5e7),
+        "max_live": num("stage3_max_live_parameters", 1e9),
+        "max_reuse": num("stage3_max_reuse_distance", 1e9),
+        "persistence": num("stage3_param_persistence_threshold", 1e5),
+        "overlap_comm": bool(z.get("overlap_comm", stage == 3)),
+    }
+
+
+def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: dict | None = None) -> Memory:
+    """Per-device memory of ``setup`` on ``hw`` for the run ``cfg`` describes."""
+    from dsft.deepspeed import model_state_bytes
+
+    world = hw.world
+    stage = setup.stage if setup.deepspeed else 0
+    use_ds = setup.deepspeed
+    if use_ds and ds is None:  # a candidate setup: the matching template
+        from dsft.deepspeed import load_ds_config
+
+        ds = load_ds_config(setup.template() or "zero0")
+    prec = precision_of(cfg, ds if use_ds else None)
+    bits = quantization_bits(cfg)
+
+    # model states: DeepSpeed's formula (2 / 2 / 12 bytes per element, sharded per stage), scaled to the dtypes
+    ms = model_state_bytes(shape.params, stage, world, setup.offload_optimizer, setup.offload_params,
+                           shape.trainable)
+    wb = weight_bytes_total(shape, prec, bits, _double_quant(cfg))
+    w_scale = wb / (2 * shape.params) if shape.params else 0.0
+    g_scale = prec.weight_bytes / 2
+    o_scale = ((4 if prec.master_copy else 0) + prec.adam_state_bytes) / 12
+    weights = ms["weights"] * w_scale
+    grads = ms["gradients"] * g_scale
+    optim = ms["optimizer_states"] * o_scale
+    step_extra = ms["deepspeed_extra"] if use_ds and stage >= 1 else 0  # fp32 grad partition during the step
+    host_states = (ms["host_weights"] * w_scale + ms["host_gradients"] + ms["host_optimizer_states"] * o_scale)
+
+    acts = activation_bytes(shape, prec, setup.micro_batch, _seq_len(cfg), setup.activation_checkpointing,
+                            cfg.model.attn_implementation, cfg.peft.lora.dropout if cfg.peft is not None else 0.0)
+    act = acts["total"]
+    act += autocast_weight_copies(shape, prec, setup.activation_checkpointing)
+
+    # buffers
+    sizes = _ds_sizes(ds if use_ds else None, cfg, shape, world, hw.devices_per_node)
+    buffers = 0.0
+    if use_ds and stage in (1, 2):
+        buffers += sizes["reduce_bucket"] * prec.weight_bytes * (2 if sizes["overlap_comm"] else 1)
+    if use_ds and stage == 3:
+        # parameters gathered for compute stay until released: all of them while the model is smaller than the
+        # reuse distance (forward and backward reuse every layer), else up to max_live_parameters
+        reusable = shape.params * 2 <= sizes["max_reuse"]
+        live = shape.params if reusable else min(shape.params, sizes["max_live"])
+        gathered = live * prec.weight_bytes * (w_scale * 2 / prec.weight_bytes if bits else 1)
+        buffers += max(gathered, 4 * shape.largest_layer_params)
+        buffers += sizes["prefetch_bucket"] * prec.weight_bytes
+        buffers += sizes["reduce_bucket"] * prec.weight_bytes * (2 if sizes["overlap_comm"] else 1)
+    if not use_ds and world > 1:
+        buffers += 2 * 25 * 2**20 * prec.weight_bytes // 4  # DDP gradient buckets (25 MB, two in flight)
+
+    overhead = _overhead(hw)
+    # gradients appear during backward while activations are freed; non-partitioned gradients are freed after the
+    # step (set_to_none), partitioned ones (ZeRO-2/3) live in one buffer
+    head_grads = (shape.lm_head_params or shape.embedding_params) * prec.weight_bytes \
+        if shape.frozen_matmul_params == 0 else 0
+    if stage >= 2:
+        fwd_bwd = weights + optim + grads + act + buffers
+    else:
+        fwd_bwd = weights + optim + head_grads + max(act, grads - head_grads) + buffers
+    step = weights + optim + grads + step_extra + buffers
+    load = _load_bytes(shape, prec, wb, stage, world, use_ds)
+    save = weights + optim + _save_bytes(cfg, shape, prec, wb, stage)
+    phases = {k: int(v + overhead) for k, v in
+              (("load", load), ("forward_backward", fwd_bwd), ("optimizer_step", step), ("save", save))}
+    peak_phase = max(phases, key=phases.get)
+
+    ranks = hw.devices_per_node
+    host = {"offloaded_states": int(host_states * ranks),
+            # each rank materializes its (ZeRO-3: partitioned) model in host RAM before moving it to the device
+            "model_loading": int((wb / world if use_ds and stage == 3 else wb) * ranks) if not hw.is_cpu else 0,
+            "consolidation": int(_save_bytes(cfg, shape, prec, wb, stage)),
+            "processes": int((overhead if hw.is_cpu else GPU_HOST_PROCESS_BYTES) * ranks)}
+    host["peak"] = host["processes"] + max(host["offloaded_states"] + host["consolidation"], host["model_loading"])
+    if hw.is_cpu:
+        host["peak"] = phases[peak_phase] * ranks + host["offloaded_states"]
+    return Memory(weights=int(weights), gradients=int(grads), optimizer_states=int(optim),
+                  optimizer_step_extra=int(step_extra), activations=int(act),
+                  buffers=int(buffers), overhead=int(overhead), peak=phases[peak_phase] + int(
+                      host_states if hw.is_cpu else 0), peak_phase=peak_phase, phases=phases, host=host)
+
+
+def _seq_len(cfg: RunConfig) -> int:
+    return int(cfg.data.max_seq_len or 2048)
+
+
+def _overhead(hw: Hardware) -> int:
+    if hw.is_cpu:
+        return int(hw.process_baseline_bytes if hw.process_baseline_bytes is not None else process_baseline_bytes())
+    return GPU_CONTEXT_BYTES
+
+
+def _load_bytes(shape: ModelShape, prec: Precision, wb: float, stage: int, world: int, use_ds: bool) -> float:
+    """Loading: the model in its load dtype; DeepSpeed (stage 1-2) then flattens it into one buffer (a copy)."""
+    if use_ds and stage == 3:
+        return wb / world + 4 * shape.largest_layer_params  # zero.Init partitions layer by layer
+    return wb * (2 if use_ds and stage in (1, 2) else 1)
+
+
+def _save_bytes(cfg: RunConfig, shape: ModelShape, prec: Precision, wb: float, stage: int) -> float:
+    """The final save: an adapter is small; full weights are serialized from one state-dict copy (ZeRO-3 gathers
+    the 16-bit weights on rank 0 first)."""
+    if cfg.peft is not None:
+        return shape.lora_params * prec.weight_bytes
+    return wb
+
+
+# --------------------------------------------------------------------------------------------------
+# speed
+
+
+def train_flops_per_token(matmul_params: int, trainable_matmul_params: int, layers: int = 0, attn_width: int = 0,
+                          seq_len: int | None = None, checkpointing: bool = False) -> dict:
+    """FLOPs per trained token. ``model``: forward 2 per matmul weight, backward 2 for the activation gradients and
+    2 for the weight gradients of trainable weights only (frozen LoRA/QLoRA bases skip them), plus attention
+    scores (12·layers·seq·width, the PaLM count) when ``seq_len`` is given. ``hardware`` adds the forward recompute
+    of activation checkpointing. MFU divides the ``model`` figure."""
+    attn = 12 * layers * seq_len * attn_width if seq_len else 0
+    model = 4 * matmul_params + 2 * trainable_matmul_params + attn
+    recompute = (2 * matmul_params + attn / 3) if checkpointing else 0
+    return {"model": float(model), "hardware": float(model + recompute)}
+
+
+def shape_flops_per_token(shape: ModelShape, seq_len: int | None, checkpointing: bool = False) -> dict:
+    matmul = shape.matmul_params + shape.lora_params
+    return train_flops_per_token(matmul, matmul - shape.frozen_matmul_params, shape.layers,
+                                 shape.heads * shape.head_dim, seq_len, checkpointing)
+
+
+def model_matmul_params(model) -> tuple[int, int]:
+    """(matmul weights, trainable matmul weights) of a live model: every nn.Linear (LoRA's A/B, bitsandbytes
+    layers and a tied lm_head included), counting ZeRO-3 partitioned weights at their full size."""
+    import torch
+
+    total = trainable = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            n = int(getattr(module.weight, "ds_numel", module.weight.numel()))
+            total += n
+            trainable += n if module.weight.requires_grad else 0
+    return total, trainable
+
+
+def peak_flops_for(hw: Hardware, dtype: str = "bf16") -> float | None:
+    if hw.peak_flops:
+        return hw.peak_flops
+    if hw.is_cpu:
+        import torch
+
+        return cpu_peak_flops(dtype, max(1, torch.get_num_threads() // hw.devices_per_node))
+    entry = ACCELERATORS.get(hw.accelerator)
+    return entry["peak_flops"] if entry else None
+
+
+def accelerator_name(device_name: str) -> str | None:
+    """The ACCELERATORS key a device name ("NVIDIA H100 80GB HBM3", "AMD Instinct MI300X") belongs to."""
+    upper = device_name.upper()
+    return next((key for key in sorted(ACCELERATORS, key=len, reverse=True) if key in upper), None)
+
+
+def device_peak_flops(dtype: str) -> float | None:
+    """Peak FLOP/s of the device this process trains on: $DSFT_PEAK_TFLOPS if set; the CPU's measured matmul
+    rate in ``dtype``; a known accelerator's dense 16-bit peak (16-bit training only); else None (unknown)."""
+    if os.environ.get("DSFT_PEAK_TFLOPS"):
+        return float(os.environ["DSFT_PEAK_TFLOPS"]) * 1e12
+    from dsft.distributed import accelerator_is_cpu
+
+    if accelerator_is_cpu():
+        import torch
+
+        return cpu_peak_flops(dtype, torch.get_num_threads())
+    if dtype not in ("bf16", "fp16"):
+        return None
+    name = accelerator_name(local_device_name() or "")
+    return ACCELERATORS[name]["peak_flops"] if name else None
+
+
+def local_device_name() -> str | None:
+    """Product name of the local accelerator (torch.cuda / torch.xpu ... get_device_name), None on the CPU."""
+    import torch
+
+    if not torch.accelerator.is_available():
+        return None
+    backend = getattr(torch, torch.accelerator.current_accelerator().type, None)
+    getter = getattr(backend, "get_device_name", None)
+    return str(getter()) if getter else None
+
+
+def step_estimate(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup) -> dict:
+    """Step time and tokens/s from FLOPs at the assumed MFU, plus offload traffic that does not overlap."""
+    seq = _seq_len(cfg)
+    flops = shape_flops_per_token(shape, seq, setup.activation_checkpointing)
+    tokens_per_device = setup.micro_batch * setup.accumulation * seq
+    dtype = "bf16" if cfg.train.get("bf16") or cfg.model.dtype == "bf16" else "fp32"
+    peak = peak_flops_for(hw, dtype)
+    if not peak:
+        return {"flops_per_token": flops, "step_time_s": None, "tokens_per_s": None}
+    compute_s = tokens_per_device * flops["hardware"] / (peak * hw.mfu)
+    extra_s = 0.0
+    if setup.offload_optimizer:
+        extra_s += 16 * shape.trainable / hw.world / OFFLOAD_HOST_BYTES_PER_S
+    if setup.offload_params:
+        extra_s += 3 * setup.accumulation * shape.params * 2 / PCIE_BYTES_PER_S
+    step_s = compute_s + extra_s
+    return {"flops_per_token": flops, "tokens_per_device_per_step": tokens_per_device, "peak_flops": peak,
+            "mfu_assumed": hw.mfu, "step_time_s": step_s,
+            "tokens_per_s": tokens_per_device * hw.world / step_s,
+            "tokens_per_s_per_device": tokens_per_device / step_s}
+
+
+@functools.lru_cache(maxsize=4)
+def measure_cpu_peak_flops(dtype: str = "fp32", threads: int | None = None) -> float:
+    """Matmul FLOP/s of this CPU in ``dtype`` with ``threads`` threads (default: torch's setting); best of a
+    few 1024x1024 products over ~0.3 s. CPUs without native bf16 run bf16 matmuls far slower than fp32."""
+    import torch
+
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+        n = 1024
+        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+        a @ b
+        best = 0.0
+        for _ in range(3):
+            start, count = time.perf_counter(), 0
+            while time.perf_counter() - start < 0.1:
+                a @ b
+                count += 1
+            best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
+        return best
+    finally:
+        torch.set_num_threads(old)
+
+
+def cpu_peak_flops(dtype: str, threads: int) -> float:
+    """This CPU's matmul peak: a fresh measurement, raised to the best one seen before on this machine (kept in
+    ``$DSFT_CACHE/cpu_peak_flops.json``). On a shared machine one measurement can catch the cores busy; the best
+    seen is the closer to the hardware's peak, which keeps MFU from being inflated by a low peak."""
+    import json
+    import platform
+    from pathlib import Path
+
+    now = measure_cpu_peak_flops(dtype, threads)
+    path = Path(os.environ.get("DSFT_CACHE", Path.home() / ".cache" / "dsft")) / "cpu_peak_flops.json"
+    key = f"{platform.node()}/{dtype}/{threads}"
+    try:
+        seen = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        seen = {}
+    best = max(now, float(seen.get(key, 0.0)))
+    if best > float(seen.get(key, 0.0)):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**seen, key: best}, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs the remembered best
+    return best
+
+
+_BASELINE_PROBE = ("import resource, dsft.train, dsft.data, dsft.model, transformers, datasets, peft, deepspeed; "
+                   "from transformers import Trainer; "
+                   "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+
+
+@functools.lru_cache(maxsize=1)
+def process_baseline_bytes() -> int:
+    """Peak RSS of a fresh process that imports what a training process imports, before any model: the fixed
+    part of every CPU rank's memory (measured, ~0.5 GB here)."""
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    out = subprocess.run([sys.executable, "-c", _BASELINE_PROBE], capture_output=True, text=True, env=env)
+    try:
+        return int(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return int(0.55 * GiB)
+
+
+# --------------------------------------------------------------------------------------------------
+# the configured setup and the recommendation
+
+
+def ds_config_of(cfg: RunConfig) -> dict | None:
+    if not cfg.deepspeed:
+        return None
+    from dsft.deepspeed import load_ds_config
+
+    return load_ds_config(cfg.deepspeed, cfg.deepspeed_overrides)
+
+
+def configured_setup(cfg: RunConfig, ds: dict | None = None) -> Setup:
+    from dsft.deepspeed import offloads
+
+    t = cfg.train
+    ds = ds if ds is not None else ds_config_of(cfg)
+    off_opt, off_param = offloads(ds) if ds is not None else (False, False)
+    ac = bool(t.get("gradient_checkpointing", t.get("activation_checkpointing", False)))
+    return Setup(stage=zero_stage_of(ds), offload_optimizer=off_opt, offload_params=off_param,
+                 activation_checkpointing=ac, micro_batch=int(t.get("per_device_train_batch_size", 8)),
+                 accumulation=int(t.get("gradient_accumulation_steps", 1)), deepspeed=ds is not None)
+
+
+def candidates(base: Setup, world_from: int, world_to: int) -> list[Setup]:
+    """Every setup that keeps the configured global batch (micro x accumulation x world) on the target world."""
+    global_batch = base.micro_batch * base.accumulation * world_from
+    per_device = global_batch / world_to
+    micros = sorted({m for m in range(1, max(1, int(per_device)) + 1)
+                     if per_device == int(per_device) and int(per_device) % m == 0 and (m & (m - 1) == 0
+                                                                                       or m == base.micro_batch)})
+    if not micros:  # the global batch does not divide over the target world: keep the micro-batch, round accum
+        micros = [base.micro_batch]
+    out = []
+    for stage, off_opt, off_par in ((0, False, False), (1, False, False), (2, False, False), (3, False, False),
+                                    (2, True, False), (3, True, False), (3, True, True)):
+        for ac in (False, True):
+            for m in micros:
+                accum = max(1, round(per_device / m))
+                out.append(Setup(stage, off_opt, off_par, ac, m, accum, deepspeed=stage > 0 or base.deepspeed))
+    return out
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    hardware: Hardware
+    configured: Setup
+    configured_memory: Memory
+    configured_estimate: dict
+    recommended: Setup | None
+    recommended_memory: Memory | None
+    recommended_estimate: dict | None
+    notes: list[str] = field(default_factory=list)
+
+    def fits(self, mem: Memory) -> bool:
+        return _fits(mem, self.hardware)
+
+    def as_dict(self) -> dict:
+        def setup_dict(s: Setup | None) -> dict | None:
+            return None if s is None else {**dataclasses.asdict(s), "template": s.template(),
+                                           "description": s.describe()}
+
+        return {
+            "model": dataclasses.asdict(self.shape),
+            "hardware": {**dataclasses.asdict(self.hardware), "world": self.hardware.world},
+            "configured": {"setup": setup_dict(self.configured), "memory": self.configured_memory.as_dict(),
+                           "fits": self.fits(self.configured_memory), "estimate": self.configured_estimate},
+            "recommended": None if self.recommended is None else {
+                "setup": setup_dict(self.recommended), "memory": self.recommended_memory.as_dict(),
+                "fits": True, "estimate": self.recommended_estimate},
+            "notes": self.notes,
+        }
+
+
+def _fits(mem: Memory, hw: Hardware) -> bool:
+    if hw.is_cpu:
+        return mem.host["peak"] <= FIT_FRACTION * hw.host_memory_bytes
+    return mem.peak <= FIT_FRACTION * hw.device_memory_bytes and mem.host["peak"] <= hw.host_memory_bytes
+
+
+def plan(cfg: RunConfig, hw: Hardware, world_from: int | None = None) -> Plan:
+    """Memory and speed of the configured setup on ``hw``, and the fastest setup that fits."""
+    shape = model_shape(cfg)
+    ds = ds_config_of(cfg)
+    base = configured_setup(cfg, ds)
+    base_world = world_from or hw.world
+    if base_world != hw.world:  # keep the global batch on the target world
+        per_device = base.micro_batch * base.accumulation * base_world / hw.world
+        base = dataclasses.replace(base, accumulation=max(1, round(per_device / base.micro_batch)))
+    mem = memory(cfg, shape, hw, base, ds)
+    est = step_estimate(cfg, shape, hw, base)
+    best = None
+    for cand in candidates(base, hw.world, hw.world):
+        cand_ds = ds if (ds is not None and cand.stage == base.stage and cand.offload_optimizer ==
+                         base.offload_optimizer and cand.offload_params == base.offload_params) else None
+        m = memory(cfg, shape, hw, cand, cand_ds)
+        if not _fits(m, hw):
+            continue
+        e = step_estimate(cfg, shape, hw, cand)
+        # fastest first; then no offload, no ZeRO-3 (50% more traffic than DDP/ZeRO-1/2, which the FLOPs
+        # estimate does not see), the larger micro-batch, and the least memory
+        key = (round(e["step_time_s"] or 0, 6), cand.offload_params, cand.offload_optimizer, cand.stage == 3,
+               -cand.micro_batch, m.peak)
+        if best is None or key < best[0]:
+            best = (key, cand, m, e)
+    notes = []
+    quant = quantization_bits(cfg)
+    if quant:
+        notes.append(f"{quant}-bit base weights (bitsandbytes): linear weights counted at "
+                     f"{0.5 if quant == 4 else 1} byte + quantization constants; lm_head and embeddings unquantized")
+    if hw.is_cpu:
+        notes.append("CPU: per-rank memory includes the measured process baseline "
+                     f"({_overhead(hw) / GiB:.2f} GiB: libraries imported by a training process)")
+    else:
+        notes.append(f"GPU: per-device memory includes {GPU_CONTEXT_BYTES / GiB:.2f} GiB for the CUDA context and "
+                     f"allocator; a setup fits at <= {FIT_FRACTION:.0%} of device memory")
+    return Plan(shape, hw, base, mem, est, best[1] if best else None, best[2] if best else None,
+                best[3] if best else None, notes)
+
+
+def hardware_from_flags(nodes: int = 1, gpus_per_node: int | None = None, gpu_mem: str | None = None,
+                        host_mem: str | None = None, accelerator: str | None = None,
+                        mfu: float | None = None) -> Hardware:
+    """The Hardware `dsft plan`'s flags describe. Without --accelerator: the local GPU if there is one, H100 when
+    GPU flags are given on a machine without one, else this CPU (device memory = host memory)."""
+    for flag, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: must be at least 1, got {value}")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu: must be in (0, 1], got {mfu}")
+    names = {k.lower(): k for k in ACCELERATORS} | {"cpu": "cpu"}
+    if accelerator is not None:
+        if accelerator.lower() not in names:
+            raise ConfigError(f"--accelerator: unknown {accelerator!r}; one of {', '.join(ACCELERATORS)}, cpu "
+                              "(another GPU: set --gpu-mem and $DSFT_PEAK_TFLOPS)")
+        name = names[accelerator.lower()]
+    else:
+        local = local_device_name()
+        name = accelerator_name(local) if local else None
+        if name is None:
+            name = "H100" if (gpu_mem or gpus_per_node) and not local else ("cpu" if not local else "gpu")
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if name == "cpu":
+        host = parse_bytes(host_mem, "--host-mem") if host_mem else physical
+        return Hardware(nodes=nodes, devices_per_node=gpus_per_node or 1, device_memory_bytes=host,
+                        host_memory_bytes=host, accelerator="cpu", mfu=mfu or DEFAULT_MFU_CPU)
+    if gpu_mem:
+        device = parse_bytes(gpu_mem, "--gpu-mem")
+    elif name in ACCELERATORS:
+        device = ACCELERATORS[name]["memory_bytes"]
+    else:
+        from deepspeed.accelerator import get_accelerator
+
+        device = get_accelerator().total_memory()
+    peak = float(os.environ["DSFT_PEAK_TFLOPS"]) * 1e12 if os.environ.get("DSFT_PEAK_TFLOPS") else None
+    return Hardware(nodes=nodes, devices_per_node=gpus_per_node or 1, device_memory_bytes=device,
+                    host_memory_bytes=parse_bytes(host_mem, "--host-mem") if host_mem else DEFAULT_HOST_BYTES,
+                    accelerator=name, peak_flops=peak, mfu=mfu or DEFAULT_MFU)
+
+
+# --------------------------------------------------------------------------------------------------
+# presentation
+
+
+def parse_bytes(text: str, flag: str) -> float:
+    """'80GiB', '80GB', '512G', '1.5TiB', '81920MiB' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{flag}: {text!r} is not a size; write e.g. 80GiB, 80GB or 512G")
+    value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    power = "KMGT".index(unit) + 1 if unit else 0
+    return value * ((1024 if binary or not unit else 1000) ** power if unit else 1)
+
+
+def _gb(x: float | None) -> str:
+    return "-" if x is None else f"{x / GiB:.2f}"
+
+
+def format_plan(p: Plan) -> str:
+    s, hw = p.shape, p.hardware
+    lines = [
+        f"model: {s.architecture}, {s.params / 1e9:.3f}B parameters ({s.trainable / 1e6:.1f}M trainable), "
+        f"{s.layers} layers, hidden {s.hidden}, vocab {s.vocab}",
+        f"hardware: {hw.nodes} node(s) x {hw.devices_per_node} {hw.accelerator} "
+        + (f"rank(s), {hw.host_memory_bytes / GiB:.0f} GiB host" if hw.is_cpu else
+           f"({hw.device_memory_bytes / GiB:.0f} GiB each), {hw.host_memory_bytes / GiB:.0f} GiB host per node"),
+        "",
+        "| per device (GiB) | configured | recommended |",
+        "|---|---|---|",
+    ]
+    rec, rmem = p.recommended, p.recommended_memory
+    rows = [("setup", p.configured.describe(), rec.describe() if rec else "nothing fits"),
+            ("DeepSpeed template", p.configured.template() or "-", (rec.template() or "-") if rec else "-")]
+    for key in ("weights", "gradients", "optimizer_states", "model_states", "activations", "buffers", "overhead",
+                "peak"):
+        rows.append((key, _gb(getattr(p.configured_memory, key)), _gb(getattr(rmem, key)) if rmem else "-"))
+    rows.append(("peak phase", p.configured_memory.peak_phase, rmem.peak_phase if rmem else "-"))
+    rows.append(("host RAM per node", _gb(p.configured_memory.host["peak"]), _gb(rmem.host["peak"]) if rmem else "-"))
+    rows.append(("fits", "yes" if p.fits(p.configured_memory) else "NO", "yes" if rec else "-"))
+    for est_key, label in (("step_time_s", "step time (s)"), ("tokens_per_s", "tokens/s (all devices)")):
+        def fmt(e: dict | None) -> str:
+            return "-" if not e or e.get(est_key) is None else f"{e[est_key]:.3g}"
+        rows.append((label, fmt(p.configured_estimate), fmt(p.recommended_estimate)))
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    e = p.configured_estimate
+    if e.get("peak_flops"):
+        lines.append("")
+        lines.append(f"estimate: {e['flops_per_token']['hardware'] / 1e9:.2f} GFLOPs per token "
+                     f"(model {e['flops_per_token']['model'] / 1e9:.2f}), peak {e['peak_flops'] / 1e12:.3g} TFLOP/s "
+                     f"per device at MFU {e['mfu_assumed']:.0%}")
+    lines += [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)

@@ -1,0 +1,248 @@
+"""dsft plan: model states against DeepSpeed's own estimators, activations against the tensors torch really
+saves, the CLI on a Llama-3-8B-shaped config (config only), MFU in a training log, and dsft report's PNG."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import copy_task_rows, write_jsonl
+from dsft import plan as P
+from dsft.cli import main
+from dsft.config import from_dict, validate
+
+# Llama-3-8B's shape, built locally (no hub)
+LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                 intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192)
+LLAMA3_8B_PARAMS = 8_030_261_248
+
+
+@pytest.fixture(scope="module")
+def llama8b_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("llama3-8b-config")
+    LlamaConfig(**LLAMA3_8B).save_pretrained(str(path))  # config.json only: no weights anywhere
+    return path
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> str:
+    return str(write_jsonl(tmp_path_factory.mktemp("plan-data") / "train.jsonl", copy_task_rows(40)))
+
+
+def _cfg(model_dir, train_file, tmp_path, **sections):
+    raw = {"model": {"name_or_path": str(model_dir), "init": "from_config", "dtype": "bf16"},
+           "data": {"train": train_file, "format": "prompt_completion", "max_seq_len": 4096, "packing": True},
+           "train": {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4,
+                     "gradient_accumulation_steps": 4, "bf16": True}}
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
+    cfg = from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def _deepspeed_printed_gpu_gib(fn, *args, **kwargs) -> dict[str, float]:
+    """Run a DeepSpeed ``*_all_cold`` estimator and read its table: options -> per-GPU GiB (2 decimals)."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        fn(*args, **kwargs)
+    rows = re.findall(r"([\d.]+)GB \|\s*([\d.]+)GB \| (.+)", buf.getvalue())
+    assert rows, buf.getvalue()
+    # options read e.g. "offload_param=OffloadDeviceEnum.cpu, offload_optimizer=none, zero_init=1"
+    return {re.sub(r"\s|OffloadDeviceEnum\.", "", options): float(gpu) for _cpu, gpu, options in rows}
+
+
+def test_model_states_match_deepspeed_estimators(llama8b_dir, train_file, tmp_path):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    cfg = _cfg(llama8b_dir, train_file, tmp_path)
+    shape = P.model_shape(cfg)
+    assert shape.params == LLAMA3_8B_PARAMS and not shape.tied_embeddings
+    assert shape.largest_layer_params == 128256 * 4096  # the untied embedding / lm_head matrix
+    for nodes, per_node in ((1, 8), (2, 8)):
+        hw = P.Hardware(nodes=nodes, devices_per_node=per_node, accelerator="H100")
+
+        def planned_gib(stage: int, off_opt: bool, off_par: bool) -> float:
+            setup = P.Setup(stage, off_opt, off_par, False, 1, 1)
+            mem = P.memory(cfg, shape, hw, setup)
+            # DeepSpeed's per-GPU figure: model states + the fp32 gradient partition of the step, and under
+            # ZeRO-3 the largest layer gathered (4 bytes per element)
+            states = mem.model_states + mem.optimizer_step_extra
+            return (states + (4 * shape.largest_layer_params if stage == 3 else 0)) / 2**30
+
+        ds2 = _deepspeed_printed_gpu_gib(estimate_zero2_model_states_mem_needs_all_cold, shape.params,
+                                         num_gpus_per_node=per_node, num_nodes=nodes)
+        assert ds2["offload_optimizer=none"] == pytest.approx(planned_gib(2, False, False), abs=0.006)
+        assert ds2["offload_optimizer=cpu"] == pytest.approx(planned_gib(2, True, False), abs=0.006)
+        ds3 = _deepspeed_printed_gpu_gib(estimate_zero3_model_states_mem_needs_all_cold, shape.params,
+                                         shape.largest_layer_params, num_gpus_per_node=per_node, num_nodes=nodes)
+        expected = {"offload_param=none,offload_optimizer=none": (False, False),
+                    "offload_param=none,offload_optimizer=cpu": (True, False),
+                    "offload_param=cpu,offload_optimizer=cpu": (True, True)}
+        assert len(ds3) == 6
+        for options, gpu in ds3.items():
+            key = next(k for k in expected if options.startswith(k))
+            assert gpu == pytest.approx(planned_gib(3, *expected[key]), abs=0.006), options
+
+
+def test_parameter_counts_match_deepspeed_on_a_real_model(tiny_model_dir, train_file, tmp_path):
+    """The meta-device count equals DeepSpeed's count on the materialized model (total and largest layer), also
+    with config_overrides, and LoRA's trainable share equals peft's."""
+    from deepspeed.runtime.zero.stage3 import model_to_params
+    from transformers import AutoModelForCausalLM
+
+    from dsft.model import apply_lora, load_config_object
+
+    for peft in (None, {"lora": {"r": 4, "target_modules": "all-linear"}}):
+        sections = {"model": {"init": "from_config", "dtype": "fp32", "config_overrides": {"num_hidden_layers": 3}},
+                    "data": {"max_seq_len": 64}}
+        if peft:
+            sections["peft"] = peft
+        cfg = _cfg(tiny_model_dir, train_file, tmp_path, **sections)
+        shape = P.model_shape(cfg)
+        model = AutoModelForCausalLM.from_config(load_config_object(cfg.model))
+        assert model.config.num_hidden_layers == 3
+        total, largest = model_to_params(model)
+        assert shape.largest_layer_params == largest
+        if peft:
+            model = apply_lora(model, cfg.peft, False)
+            assert shape.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+            assert shape.params == sum(p.numel() for p in model.parameters())
+        else:
+            assert shape.params == total == shape.trainable
+
+
+def _saved_tensor_bytes(model, ids, positions, autocast: bool) -> int:
+    """Bytes of the distinct storages autograd saves during one forward (parameters excluded)."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            seen[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(input_ids=ids, position_ids=positions, labels=ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("precision,lora,checkpointing", [
+    ("fp32", False, False), ("bf16-autocast", False, False), ("bf16-weights", False, False),
+    ("fp32", True, False), ("bf16-autocast", True, False), ("fp32", False, True),
+])
+def test_activation_count_matches_saved_tensors(precision, lora, checkpointing, train_file, tmp_path):
+    """The planner's per-layer tensor count against what torch saves on a packed batch (tiny Llama, 3 layers)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dsft.model import apply_lora
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    sections = {"model": {"dtype": "bf16" if precision == "bf16-weights" else "fp32"},
+                "data": {"max_seq_len": 128},
+                "train": {"bf16": precision != "fp32", "gradient_checkpointing": checkpointing}}
+    if lora:
+        sections["peft"] = {"lora": {"r": 8, "dropout": 0.05, "target_modules": "all-linear"}}
+    cfg = _cfg("unused", train_file, tmp_path, **sections)
+    shape = P.model_shape(cfg, config)
+    prec = P.precision_of(cfg, None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                             dtype=torch.bfloat16 if precision == "bf16-weights" else torch.float32)
+    model.config.use_cache = False
+    if lora:
+        model = apply_lora(model, cfg.peft, False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batch, seq = 2, 128
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    positions = torch.cat([torch.arange(70), torch.arange(58)]).repeat(batch, 1)  # two packed samples per row
+    measured = _saved_tensor_bytes(model, ids, positions, prec.autocast)
+    acts = P.activation_bytes(shape, prec, batch, seq, checkpointing, "sdpa", 0.05 if lora else 0.0)
+    predicted = acts["saved_forward"] + P.autocast_weight_copies(shape, prec, checkpointing)
+    assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+
+
+def test_plan_cli_llama3_8b_on_8x80gb(llama8b_dir, train_file, tmp_path, capsys):
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(json.dumps({
+        "model": {"name_or_path": str(llama8b_dir), "init": "from_config", "dtype": "bf16"},
+        "data": {"train": train_file, "format": "prompt_completion", "max_seq_len": 4096, "packing": True},
+        "train": {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4,
+                  "gradient_accumulation_steps": 4, "bf16": True, "gradient_checkpointing": False},
+        "deepspeed": "zero2"}))
+    assert main(["plan", str(cfg_path), "--gpus-per-node", "8", "--gpu-mem", "80GiB", "--host-mem", "1TiB",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["params"] == LLAMA3_8B_PARAMS
+    conf = out["configured"]["memory"]
+    for key in ("model_states", "weights", "gradients", "optimizer_states", "activations", "buffers", "peak"):
+        assert conf[key] > 0, key
+    assert conf["model_states"] == conf["weights"] + conf["gradients"] + conf["optimizer_states"]
+    # ZeRO-2 over 8 devices, bf16 + fp32 master + Adam: 2 + (2 + 12) / 8 bytes per parameter
+    assert conf["model_states"] == pytest.approx(LLAMA3_8B_PARAMS * (2 + 14 / 8), rel=1e-6)
+    # 4 x 4096 tokens without activation checkpointing do not fit in 80 GB
+    assert out["configured"]["fits"] is False and conf["peak"] > 80 * 2**30
+    rec = out["recommended"]
+    assert rec is not None and rec["fits"]
+    assert rec["memory"]["peak"] <= P.FIT_FRACTION * 80 * 2**30
+    setup = rec["setup"]
+    assert setup["micro_batch"] * setup["accumulation"] == 16  # the configured global batch is kept
+    est = rec["estimate"]
+    assert est["peak_flops"] == P.ACCELERATORS["H100"]["peak_flops"] and est["tokens_per_s"] > 0
+    # step time = tokens x FLOPs per token / (peak x MFU) on each device
+    flops = est["flops_per_token"]["hardware"] * est["tokens_per_device_per_step"]
+    assert est["step_time_s"] == pytest.approx(flops / (est["peak_flops"] * est["mfu_assumed"]), rel=1e-6)
+    assert main(["plan", str(cfg_path), "--gpus-per-node", "8"]) == 0  # the human-readable table
+    text = capsys.readouterr().out
+    assert "| peak |" in text and "recommended" in text and "H100" in text
+
+
+def test_plan_bad_flag_is_one_line(tmp_path, tiny_model_dir, train_file, capsys):
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(json.dumps({"model": {"name_or_path": str(tiny_model_dir)},
+                                    "data": {"train": train_file, "format": "prompt_completion"},
+                                    "train": {"output_dir": str(tmp_path / "out")}}))
+    assert main(["plan", str(cfg_path), "--gpu-mem", "80XB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpu-mem" in err[0]
+
+
+@pytest.mark.integration
+def test_mfu_and_report_from_a_tiny_run(tmp_path, tiny_model_dir, train_file, capsys):
+    """A real (tiny) run logs tokens/s, MFU and peak memory; dsft report prints its summary and writes a PNG of the
+    curves and a markdown page."""
+    from dsft.train import run
+
+    cfg = _cfg(tiny_model_dir, train_file, tmp_path,
+               model={"dtype": "fp32"}, data={"max_seq_len": 64, "cache_dir": str(tmp_path / "cache")},
+               train={"bf16": False, "max_steps": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                      "logging_steps": 1, "report_to": "none", "save_strategy": "no"})
+    result = run(cfg)
+    logs = [json.loads(x) for x in (Path(result.output_dir) / "dsft_log.jsonl").read_text().splitlines()]
+    train_logs = [r for r in logs if "loss" in r]
+    assert len(train_logs) == 4
+    for r in train_logs:
+        assert r["tokens_per_second_per_device"] > 0 and r["peak_memory_gb"] > 0
+        assert 0 < r["mfu"] < 1.5, r  # measured CPU peak; a busy machine can make one window look fast
+    assert main(["report", result.output_dir, "--out", str(tmp_path / "report")]) == 0
+    text = capsys.readouterr().out
+    assert "train loss:" in text and "MFU" in text and "dsft_report.png" in text
+    png = tmp_path / "report" / "dsft_report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    md = (tmp_path / "report" / "dsft_report.md").read_text()
+    assert "![training curves](dsft_report.png)" in md and "| optimizer steps | 4 |" in md
