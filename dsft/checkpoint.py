@@ -1,8 +1,10 @@
-"""ZeRO checkpoints → plain HF model directories (DeepSpeed's zero_to_fp32 does the gathering)."""
+"""ZeRO checkpoints → plain HF model directories (DeepSpeed's zero_to_fp32 does the gathering); which
+checkpoints are complete (a marker written after every rank finished) and may be resumed from."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -92,3 +94,135 @@ def to_universal(checkpoint_dir: str | os.PathLike, is_main: bool, timeout_s: fl
             raise DsftError(f"{checkpoint_dir}: timed out waiting for the universal checkpoint conversion")
         time.sleep(1)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# completeness: a checkpoint counts only once every rank has written it and it is marked complete
+
+COMPLETE_MARKER = "dsft_complete.json"
+PARTIAL_DIR = "dsft_partial"  # where checkpoints found incomplete are moved (not matched by checkpoint-*)
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """N for a ``checkpoint-N`` directory name, else None."""
+    match = _CHECKPOINT_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoint-N dirs of an output dir, oldest step first (complete or not)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a small file so that readers see the old content or the new one, never a torn one, even
+    after a crash: temp file, fsync, rename over, fsync of the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    return path
+
+
+def mark_complete(checkpoint_dir: str | os.PathLike, info: dict | None = None) -> Path:
+    """Flush every file of a fully written checkpoint to disk, then record it complete (atomically) with
+    a manifest of its files and sizes. Call only after all ranks have finished writing it."""
+    import json
+    import time
+
+    checkpoint_dir = Path(checkpoint_dir)
+    files = {}
+    for p in sorted(checkpoint_dir.rglob("*")):
+        if p.is_file() and p.name != COMPLETE_MARKER:
+            _fsync(p)
+            files[str(p.relative_to(checkpoint_dir))] = p.stat().st_size
+    for d in {p.parent for p in checkpoint_dir.rglob("*")} | {checkpoint_dir}:
+        _fsync(d)
+    record = {"step": checkpoint_step(checkpoint_dir), "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              **(info or {}), "files": files}
+    return atomic_write_text(checkpoint_dir / COMPLETE_MARKER, json.dumps(record, indent=1))
+
+
+def is_complete(checkpoint_dir: str | os.PathLike) -> bool:
+    """True if the checkpoint carries a valid completeness marker and every file it lists is still there
+    with its recorded size (a later partial copy or deletion makes it incomplete again)."""
+    import json
+
+    checkpoint_dir = Path(checkpoint_dir)
+    try:
+        record = json.loads((checkpoint_dir / COMPLETE_MARKER).read_text(encoding="utf-8"))
+        files = record["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    for rel, size in files.items():
+        try:
+            if (checkpoint_dir / rel).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | None, list[Path]]:
+    """(the newest complete checkpoint or None, the incomplete checkpoint dirs newer than it)."""
+    skipped: list[Path] = []
+    for path in reversed(list_checkpoints(output_dir)):
+        if is_complete(path):
+            return path, skipped
+        skipped.append(path)
+    return None, skipped
+
+
+def set_aside_incomplete(output_dir: str | os.PathLike, keep: str | os.PathLike | None = None) -> list[Path]:
+    """Move every incomplete checkpoint-N dir (except ``keep``) to output_dir/dsft_partial/, so neither a
+    resume nor the Trainer's writes and rotation ever mistake it for a real checkpoint. Not deleted: a
+    person may want to look at it. Returns the new locations."""
+    import time
+
+    keep_path = Path(keep).resolve() if keep else None
+    moved = []
+    for path in list_checkpoints(output_dir):
+        if is_complete(path) or (keep_path is not None and path.resolve() == keep_path):
+            continue
+        target_dir = Path(output_dir) / PARTIAL_DIR
+        target_dir.mkdir(exist_ok=True)
+        target = target_dir / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        os.replace(path, target)
+        moved.append(target)
+    return moved
+
+
+def rotate_complete(output_dir: str | os.PathLike, limit: int | None, protect: tuple = ()) -> list[Path]:
+    """``save_total_limit`` counted over COMPLETE checkpoints only: keep the newest ``limit`` of them plus
+    ``protect`` (e.g. the best checkpoint); delete older complete ones. Incomplete dirs are never counted
+    and never make a complete one go."""
+    if not limit or limit <= 0:
+        return []
+    complete = [p for p in list_checkpoints(output_dir) if is_complete(p)]
+    protected = {Path(p).resolve() for p in protect if p}
+    keep = set(complete[-limit:])
+    deleted = []
+    for path in complete:
+        if path in keep or path.resolve() in protected:
+            continue
+        (path / COMPLETE_MARKER).unlink()  # first, so a half-deleted dir is never taken for a complete one
+        shutil.rmtree(path)
+        deleted.append(path)
+    return deleted

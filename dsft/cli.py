@@ -27,7 +27,7 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def train_entry(config: str, overrides: list[str], callbacks=()):
+def train_entry(config: str, overrides: list[str], callbacks=(), force: bool = False, overwrite: bool = False):
     """The training entry of `dsft train`, launch/train.py (torchrun, the deepspeed launcher) and every Slurm task
     (dsft.slurm.job): check the config, train, tear the process group down.
     Returns (RunResult, whether there was a process group)."""
@@ -38,17 +38,20 @@ def train_entry(config: str, overrides: list[str], callbacks=()):
     _quiet_libraries()
     _setup_logging()
     cfg = load_config(config, overrides)
+    ok = False
     try:
-        result = run(cfg, callbacks)
+        result = run(cfg, callbacks, force=force, overwrite=overwrite)
+        ok = True
     finally:
-        distributed = shutdown()
+        # after a failure a peer may be gone or elsewhere: no barrier, which would wait for it until the timeout
+        distributed = shutdown(barrier=ok)
     return result, distributed
 
 
 def cmd_train(a: argparse.Namespace) -> int:
     from dsft.distributed import exit_now
 
-    result, distributed = train_entry(a.config, a.set)
+    result, distributed = train_entry(a.config, a.set, force=a.force, overwrite=a.overwrite)
     if result.eval_metrics:
         print(f"eval_loss {result.eval_metrics.get('eval_loss'):.4f}  "
               f"perplexity {result.eval_metrics.get('eval_perplexity', float('nan')):.3f}")
@@ -182,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("config", help="run config YAML")
         sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (YAML syntax), repeatable")
+        if name == "train":
+            sp.add_argument("--force", action="store_true",
+                            help="resume even if the checkpoint was written with a different model/data/peft config")
+            sp.add_argument("--overwrite", action="store_true",
+                            help="start from scratch in an output_dir holding a finished run or an earlier run's "
+                                 "checkpoints (they are deleted)")
         if name != "train":
             sp.add_argument("--world-size", type=int, help="total ranks to check for (default: from the environment)")
             sp.add_argument("--devices-per-node", type=int, help="ranks per node (default: world size)")
@@ -256,9 +265,12 @@ def launch_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="launch/train.py")
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    return main(["train", a.config, *[x for item in a.set for x in ("--set", item)]])
+    flags = [f for f, on in (("--force", a.force), ("--overwrite", a.overwrite)) if on]
+    return main(["train", a.config, *[x for item in a.set for x in ("--set", item)], *flags])
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import yaml
 from dsft.errors import ConfigError
 
 RESOLVED_CONFIG_NAME = "dsft_config.yaml"
+DEFAULT_DDP_TIMEOUT_S = 600  # train.ddp_timeout unless set; raise it if rank 0 alone needs longer (first tokenizing)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz")
 # Attention implementations whose mask honours restarting position_ids (no attention across packed
 # samples) in transformers' masking_utils; tests/test_packing.py proves eager and sdpa on CPU.
@@ -129,6 +130,17 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Stop a run whose loss or gradient norm stays non-finite (NaN/inf), before it saves broken weights."""
+
+    max_nonfinite_steps: int = _f(
+        3, "Stop after this many consecutive optimizer steps with a non-finite loss (any rank) or gradient norm; "
+        "no checkpoint is written for such a step, and output_dir/dsft_nonfinite.json gets the recent steps. "
+        "0 turns the guard off. Under fp16 only the loss counts (the loss scaler skips overflowing steps).",
+    )
+
+
+@dataclass
 class SlurmConfig:
     """Slurm resources and requeue policy of dsft submit / sweep / sbatch (their flags override it)."""
 
@@ -178,6 +190,7 @@ class RunConfig:
         "DeepSpeed JSON. Absent: no DeepSpeed.",
     )
     deepspeed_overrides: dict = _f(help="Values merged (deeply) into the DeepSpeed config.", factory=dict)
+    guard: GuardConfig = _f(help="Non-finite loss / gradient guard.", factory=GuardConfig)
     slurm: SlurmConfig | None = _f(None, "Slurm resources and requeue policy (dsft submit / sweep / sbatch); "
                                   "absent: the defaults.")
 
@@ -468,6 +481,8 @@ def validate(cfg: RunConfig) -> None:
         from dsft.slurm.resources import check_slurm_config
 
         check_slurm_config(cfg.slurm)
+    if cfg.guard.max_nonfinite_steps < 0:
+        raise ConfigError(f"guard.max_nonfinite_steps: must be 0 (off) or more, got {cfg.guard.max_nonfinite_steps}")
     es = cfg.early_stopping
     if es is not None:
         if es.patience < 1:
@@ -498,6 +513,9 @@ def training_arguments_kwargs(cfg: RunConfig, use_cpu: bool) -> dict:
     t.setdefault("report_to", "tensorboard")
     t.setdefault("logging_steps", 10)
     t.setdefault("include_num_input_tokens_seen", "non_padding")
+    # A collective waits this long for a peer that hangs or died on another node (a dead local peer fails at
+    # once: torchrun stops the others). transformers' 1800 s is half an hour of a stuck job.
+    t.setdefault("ddp_timeout", DEFAULT_DDP_TIMEOUT_S)
     t.setdefault("save_only_model", False)
     # dsft's collators need the tokenized columns that the model signature does not name.
     t["remove_unused_columns"] = False
@@ -560,7 +578,7 @@ def reference_markdown() -> str:
             section(tp, sub)
 
     for name, cls in (("model", ModelConfig), ("data", DataConfig), ("peft", PeftConfig),
-                      ("early_stopping", EarlyStoppingConfig)):
+                      ("early_stopping", EarlyStoppingConfig), ("guard", GuardConfig)):
         section(cls, name)
     section(SlurmConfig, "slurm")
     lines.append("### top level\n\n| key | meaning |\n|---|---|")
@@ -569,6 +587,7 @@ def reference_markdown() -> str:
             lines.append(f"| `{f.name}` | {f.metadata.get('help', '')} |")
     lines.append("")
     lines.append("### `train`\n\nAny `transformers.TrainingArguments` field, passed through unchanged. dsft fills "
-                 "`report_to: tensorboard`, `logging_steps: 10`, `include_num_input_tokens_seen: non_padding` unless "
-                 "set, and `use_cpu` where the accelerator is the CPU.\n")
+                 "`report_to: tensorboard`, `logging_steps: 10`, `include_num_input_tokens_seen: non_padding`, "
+                 f"`ddp_timeout: {DEFAULT_DDP_TIMEOUT_S}` unless set, and `use_cpu` where the accelerator is the CPU. "
+                 "`save_total_limit` counts complete checkpoints only.\n")
     return "\n".join(lines)

@@ -38,9 +38,15 @@ def build_training_arguments(cfg: RunConfig, topo: Topology | None = None):
 
     topo = topo or topology()
     kwargs = training_arguments_kwargs(cfg, use_cpu=accelerator_is_cpu())
+    # dsft applies save_total_limit itself, counting complete checkpoints only (CompleteCheckpointCallback)
+    kwargs.pop("save_total_limit", None)
     ds = prepare_for_run(cfg, topo.world_size, topo.local_world_size)
     if ds is not None:
         kwargs["deepspeed"] = ds
+    if torch.distributed.is_available():
+        from dsft.distributed import apply_collective_timeout
+
+        apply_collective_timeout(kwargs["ddp_timeout"], bool(kwargs.get("use_cpu")), kwargs.get("ddp_backend"))
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError) as e:
@@ -101,7 +107,7 @@ def build_trainer(cfg: RunConfig, args=None):
     if args.deepspeed and zero3_enabled():
         from dsft.distributed import init_deepspeed_distributed
 
-        init_deepspeed_distributed()
+        init_deepspeed_distributed(args.ddp_timeout)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, args.main_process_first)
     for split, stats in data.stats.items():
@@ -118,7 +124,12 @@ def build_trainer(cfg: RunConfig, args=None):
         model = apply_lora(model, cfg.peft, cfg.model.gradient_checkpointing_reentrant)
     trainable, total = count_parameters(model)
     logger.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
-    callbacks: list[Any] = [MetricsCallback()]
+    from dsft.guards import CompleteCheckpointCallback, NonFiniteGuard
+
+    callbacks: list[Any] = [MetricsCallback(), CompleteCheckpointCallback(cfg.train.get("save_total_limit"))]
+    guard = NonFiniteGuard(cfg.guard.max_nonfinite_steps) if cfg.guard.max_nonfinite_steps else None
+    if guard is not None:
+        callbacks.append(guard)
     if cfg.early_stopping is not None:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
     lr_ratio = cfg.peft.lr_ratio if cfg.peft is not None else 1.0
@@ -134,6 +145,8 @@ def build_trainer(cfg: RunConfig, args=None):
         compute_metrics=compute_metrics if data.eval is not None else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if data.eval is not None else None,
     )
+    if guard is not None:
+        guard.accelerator = trainer.accelerator
     _move_reporting_callbacks_last(trainer)
     return trainer, data
 
@@ -182,25 +195,23 @@ def write_run_info(args, topo: Topology, threads: int | None, model=None) -> dic
 def resolve_resume(cfg: RunConfig) -> str | None:
     """The checkpoint dir train.resume_from_checkpoint names, or None (fresh start).
 
-    ``true``/``last``: the newest checkpoint in output_dir (an error if there is none). ``auto``: the newest one
-    if there is any, else a fresh start: what a requeued job (Slurm) or a restarted launcher wants.
+    ``true``/``last``: the newest COMPLETE checkpoint in output_dir (an error if there is none). ``auto``: the
+    newest complete one if there is any, else a fresh start: what a requeued job (Slurm) or a restarted launcher
+    wants. Newer incomplete checkpoints (a run stopped while writing them) are skipped with a warning.
     """
     from pathlib import Path
+
+    from dsft.resume_check import check_explicit_checkpoint, pick_complete_checkpoint
 
     value = cfg.train.get("resume_from_checkpoint")
     if value in (None, False, "") or str(value).lower() in ("false", "no", "none"):
         return None
     mode = "last" if value is True else str(value).lower()
     if mode in ("last", "true", "auto"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        out = cfg.train["output_dir"]
-        last = get_last_checkpoint(out) if os.path.isdir(out) else None
-        if last is None and mode != "auto":
-            raise ConfigError(f"train.resume_from_checkpoint: no checkpoint-* directory in {out}")
-        return last
+        return pick_complete_checkpoint(cfg.train["output_dir"], required=mode != "auto")
     if not Path(value).is_dir():
         raise ConfigError(f"train.resume_from_checkpoint: {value} is not a directory")
+    check_explicit_checkpoint(value)
     return str(value)
 
 
@@ -231,29 +242,46 @@ def zero3_enabled() -> bool:
     return is_deepspeed_zero3_enabled()
 
 
-def run(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> RunResult:
-    """Train, save the final model (or adapter) and tokenizer to output_dir, evaluate.
+def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool = False, overwrite: bool = False) -> RunResult:
+    """Train, save the final model (or adapter) and tokenizer to output_dir, evaluate, mark the run finished.
 
-    ``callbacks``: extra TrainerCallbacks (Slurm preemption, benchmarks, tests).
+    ``callbacks``: extra TrainerCallbacks (Slurm preemption, benchmarks, tests). ``force``: resume even if the
+    checkpoint was written with a different model/data/peft config. ``overwrite``: start from scratch in an
+    output_dir holding a finished run or an earlier run's checkpoints (they are removed).
     """
+    from dsft import resume_check
+    from dsft.guards import NonFiniteError, NonFiniteGuard
+
     topo = topology()
     threads = configure_cpu_threads(topo)
     if threads is not None:
         logger.info("CPU: %d threads per rank (%d local ranks)", threads, topo.local_world_size)
-    resume = resolve_resume(cfg)
+    resume = None if overwrite else resolve_resume(cfg)
+    resume_check.check_output_dir(cfg, resume, overwrite)
+    if resume is not None:
+        resume_check.check_resume_matches(cfg, resume, force)
     cfg = adapt_to_world_size(cfg, resume, topo)
     args = build_training_arguments(cfg, topo)
+    trainer, data = build_trainer(cfg, args)
+    # Nothing is written to output_dir before this point: bad data or a model that fails to load leave no
+    # half-made run behind (the Trainer only creates the empty dir).
     if args.process_index == 0:
+        resume_check.prepare_output_dir(args.output_dir, resume, overwrite)
         path = write_resolved(cfg, args.output_dir, use_cpu=accelerator_is_cpu())
         logger.info("resolved config written to %s", path)
-    trainer, data = build_trainer(cfg, args)
     write_run_info(args, topo, threads, trainer.model)
     for callback in callbacks:
         trainer.add_callback(callback)
     train_output = trainer.train(resume_from_checkpoint=resume)
+    guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteGuard)), None)
+    if guard is not None and guard.tripped:
+        raise NonFiniteError(guard.tripped)  # the last good checkpoint stays the newest; no final save
     trainer.save_model(args.output_dir)
     result = RunResult(output_dir=args.output_dir, train_metrics=dict(train_output.metrics),
                        log_history=list(trainer.state.log_history))
     if data.eval is not None:
         result.eval_metrics = trainer.evaluate()
+    if args.process_index == 0:
+        resume_check.mark_finished(args.output_dir, {"global_step": trainer.state.global_step,
+                                                     "train_loss": result.train_metrics.get("train_loss")})
     return result
