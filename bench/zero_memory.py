@@ -1,21 +1,20 @@
-"""ZeRO memory per rank on this machine: 2 CPU ranks under torchrun, SmolLM2-135M-shaped model
-(random weights from its config), ZeRO 0-3, a few steps each. Prints a markdown table and writes
+"""ZeRO memory and speed per rank on this machine: 2 CPU ranks under torchrun, a SmolLM2-135M-shaped model
+(random weights from its config), every template, a few steps each. Prints a markdown table and writes
 bench/results/zero_memory.json.
 
-    .venv/bin/python bench/zero_memory.py [--templates zero0 zero2 zero3] [--steps 3]
+    .venv/bin/python bench/zero_memory.py [--templates zero0 zero3 ...] [--steps 3] [--seq 256]
 
-Per rank it reports the parameter elements held after loading (ZeRO-3 partitions them inside
-zero.Init, so no rank ever holds the whole model), peak RSS after loading and after training, next to
-DeepSpeed's model-state formula (dsft.deepspeed.model_state_bytes). On CPU, RSS includes the process
-baseline, activations and DeepSpeed's buffers, so it falls less than the model states do.
+Per rank: model-state bytes held, counted from the tensors (dsft.memory: weights + everything the optimizer
+holds between steps), next to DeepSpeed's model-state formula (dsft.deepspeed.model_state_bytes); the parameter
+share held right after loading (ZeRO-3 partitions inside zero.Init); peak RSS; tokens/s per device (mean of
+the logged steps after the first). On CPU, RSS also holds the process baseline, activations and DeepSpeed's
+buffers, so it falls less than the model states do. With offload on CPU, "device" and host are the same RAM.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,70 +22,87 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from harness import BIN, HUMANEVAL, REPO, SMOLLM2, cpu_env, free_port, machine, markdown_table, write_result
+
+TEMPLATES = ["zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload", "zero3_multinode"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def run_template(template: str, tmp: Path, steps: int, seq: int, model: str, data: str) -> dict:
+    out = tmp / template
+    cfg = {
+        "model": {"name_or_path": model, "init": "from_config", "dtype": "fp32"},
+        "data": {"train": data, "format": "prompt_completion", "max_seq_len": seq, "packing": True,
+                 "cache_dir": str(tmp / "cache")},
+        "train": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": 1, "logging_steps": 1,
+                  "report_to": "none", "save_strategy": "no", "bf16": True, "gradient_checkpointing": True},
+        "deepspeed": template,
+    }
+    path = tmp / f"{template}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "launch/run_configs.py"), str(path), "--model-states"]
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{template}: run failed")
+    info = json.loads((out / "dsft_run_info.json").read_text())
+    logs = [json.loads(x) for x in (out / "dsft_log.jsonl").read_text().splitlines()]
+    speeds = [r["tokens_per_second_per_device"] for r in logs if "loss" in r and r["step"] > 1]
+    states = {0: json.loads((out / "dsft_model_states.json").read_text()),
+              1: json.loads((out / "dsft_model_states.json.rank1").read_text())}
+    return {"info": info, "states": states, "tokens_per_second_per_device": sum(speeds) / max(len(speeds), 1)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--templates", nargs="+", default=["zero0", "zero1", "zero2", "zero3"])
+    p.add_argument("--templates", nargs="+", default=TEMPLATES)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--model", default=str(REPO / ".cache/dsft/models/SmolLM2-135M-Instruct"))
-    p.add_argument("--data", default=str(REPO / ".cache/dsft/data/humaneval/train.jsonl"))
+    p.add_argument("--seq", type=int, default=256, help="tokens per packed row (micro-batch 1)")
+    p.add_argument("--model", default=str(SMOLLM2))
+    p.add_argument("--data", default=str(HUMANEVAL))
     a = p.parse_args()
-    from dsft.deepspeed import model_state_bytes
+    from dsft.deepspeed import load_ds_config, model_state_bytes, offloads, zero_stage
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for template in a.templates:
-            out = Path(tmp) / template
-            cfg = {
-                "model": {"name_or_path": a.model, "init": "from_config", "dtype": "fp32"},
-                "data": {"train": a.data, "format": "prompt_completion", "max_seq_len": 256, "packing": True},
-                "train": {"output_dir": str(out), "max_steps": a.steps, "per_device_train_batch_size": 1,
-                          "logging_steps": 1, "report_to": "none", "save_strategy": "no", "bf16": True,
-                          "gradient_checkpointing": True},
-                "deepspeed": template,
-            }
-            path = Path(tmp) / f"{template}.yaml"
-            path.write_text(yaml.safe_dump(cfg))
-            env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-            cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                   str(REPO / "launch/train.py"), "--config", str(path)]
-            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{template}: run failed")
-            info = json.loads((out / "dsft_run_info.json").read_text())
-            logs = [json.loads(x) for x in (out / "dsft_log.jsonl").read_text().splitlines()]
-            peak_train = max(r.get("peak_memory_gb", 0) for r in logs)  # rank 0's log
-            total = info["ranks"][0]["param_elements_total"]
-            states = model_state_bytes(total, int(template[-1]), 2)
-            for r in sorted(info["ranks"], key=lambda r: r["rank"]):
+            result = run_template(template, Path(tmp), a.steps, a.seq, a.model, a.data)
+            ds = load_ds_config(template)
+            off_opt, off_param = offloads(ds)
+            by_ranks = {r["rank"]: r for r in result["info"]["ranks"]}
+            total = by_ranks[0]["param_elements_total"]
+            formula = model_state_bytes(total, zero_stage(ds), 2, off_opt, off_param)
+            for rank in (0, 1):
+                held = result["states"][rank]
                 rows.append({
-                    "template": template, "rank": r["rank"],
-                    "param_share_held": r["param_elements_held"] / total,
-                    "peak_rss_after_load_gb": r["peak_memory_gb_after_load"],
-                    "peak_rss_train_gb_rank0": peak_train if r["rank"] == 0 else None,
-                    "model_states_formula_gb": states["total"] / 2**30,
-                    "params": total,
+                    "template": template, "rank": rank, "params": total,
+                    "param_share_held_after_load": by_ranks[rank]["param_elements_held"] / total,
+                    "model_states_held_bytes": held["total"],
+                    "weights_held_bytes": held["weights"],
+                    "optimizer_side_held_bytes": held["optimizer_states"] + held["gradients"],
+                    "formula_device_bytes": formula["total"],
+                    "formula_host_bytes": formula["host_total"],
+                    "peak_rss_bytes": held["peak_memory_bytes"],
+                    "tokens_per_second_per_device": result["tokens_per_second_per_device"],
                 })
-    print("| template | rank | params held | peak RSS after load (GB) | peak RSS in training, rank 0 (GB) "
-          "| model states by formula (GB/rank) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        train = f"{r['peak_rss_train_gb_rank0']:.2f}" if r["peak_rss_train_gb_rank0"] is not None else "-"
-        print(f"| {r['template']} | {r['rank']} | {r['param_share_held']:.0%} | {r['peak_rss_after_load_gb']:.2f} "
-              f"| {train} | {r['model_states_formula_gb']:.2f} |")
-    results = REPO / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "zero_memory.json").write_text(json.dumps({"machine": os.uname().nodename, "rows": rows}, indent=2))
+            print(f"{template}: done", file=sys.stderr)
+    gb = 2**30
+    print(markdown_table(
+        ["template", "rank", "params held after load", "model states held (GB)", "of which weights (GB)",
+         "formula device (GB)", "formula host (GB)", "peak RSS (GB)", "tokens/s per device"],
+        [[r["template"], r["rank"], f"{r['param_share_held_after_load']:.0%}",
+          f"{r['model_states_held_bytes'] / gb:.3f}", f"{r['weights_held_bytes'] / gb:.3f}",
+          f"{r['formula_device_bytes'] / gb:.3f}", f"{r['formula_host_bytes'] / gb:.3f}",
+          f"{r['peak_rss_bytes'] / gb:.2f}", f"{r['tokens_per_second_per_device']:.0f}"] for r in rows]))
+    held = {(r["template"], r["rank"]): r["model_states_held_bytes"] for r in rows}
+    ratios = {}
+    if ("zero0", 0) in held and ("zero3", 0) in held:
+        ratios = {rank: held[("zero3", rank)] / held[("zero0", rank)] for rank in (0, 1)}
+        print(f"\nZeRO-3 / ZeRO-0 model-state bytes held per rank: "
+              + ", ".join(f"rank {k}: {v:.3f}" for k, v in ratios.items()))
+    path = write_result("zero_memory", {"machine": machine(), "steps": a.steps, "seq": a.seq, "rows": rows,
+                                        "zero3_over_zero0_held": ratios})
+    print(f"results: {path.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -273,5 +273,46 @@ def launch_main(argv: list[str] | None = None) -> int:
     return main(["train", a.config, *[x for item in a.set for x in ("--set", item)], *flags])
 
 
+def _forget_hpz_group() -> None:
+    # DeepSpeed builds the ZeRO++ hpZ process group once per process and asserts on a second one; each run here
+    # starts a fresh engine over the same ranks, so let it build the group again.
+    try:
+        from deepspeed.utils import groups
+    except ImportError:
+        return
+    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+
+
+def run_configs_main(argv: list[str] | None = None) -> int:
+    """Entry for tests and benchmarks (``launch/run_configs.py``): train several configs in one process group."""
+    p = argparse.ArgumentParser(prog="launch/run_configs.py")
+    p.add_argument("configs", nargs="+")
+    p.add_argument("--model-states", action="store_true", help="write held model-state bytes per rank")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    _quiet_libraries()
+    _setup_logging()
+    from dsft.config import load_config
+    from dsft.distributed import exit_now, shutdown
+    from dsft.train import run
+
+    try:
+        cfgs = [load_config(path) for path in a.configs]  # all checked before the first run starts
+        for cfg in cfgs:
+            _forget_hpz_group()
+            callbacks = []
+            if a.model_states:
+                from dsft.memory import ModelStateBytesCallback
+
+                callbacks.append(ModelStateBytesCallback())
+            run(cfg, callbacks)
+    except DsftError as e:
+        print(f"dsft: error: {e}", file=sys.stderr)
+        return e.exit_code
+    if shutdown():
+        exit_now(0)
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,6 +34,15 @@ def topology(environ: dict | None = None) -> Topology:
                     world_size=world, local_world_size=max(1, min(local_world, world)))
 
 
+def export_local_world_size(environ: dict | None = None) -> None:
+    """The deepspeed launcher sets LOCAL_SIZE but not LOCAL_WORLD_SIZE; on CPU, accelerate then writes
+    LOCAL_WORLD_SIZE=1 into the environment, and every later reader (a second run in the same process, thread
+    counts) sees one local rank. Export the launcher's value first so all agree."""
+    env = os.environ if environ is None else environ
+    if "LOCAL_WORLD_SIZE" not in env and "LOCAL_SIZE" in env:
+        env["LOCAL_WORLD_SIZE"] = env["LOCAL_SIZE"]
+
+
 def accelerator_is_cpu() -> bool:
     # DS_ACCELERATOR=cpu is DeepSpeed's switch to its CPU accelerator; honour it for the Trainer too.
     if os.environ.get("DS_ACCELERATOR") == "cpu":

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from dsft.callbacks import MetricsCallback, compute_metrics, preprocess_logits_for_metrics
 from dsft.config import RunConfig, training_arguments_kwargs, write_resolved
-from dsft.distributed import Topology, accelerator_is_cpu, configure_cpu_threads, topology
+from dsft.distributed import Topology, accelerator_is_cpu, configure_cpu_threads, export_local_world_size, topology
 from dsft.errors import ConfigError, DsftError
 
 logger = logging.getLogger("dsft")
@@ -154,13 +155,11 @@ def build_trainer(cfg: RunConfig, args=None):
 RUN_INFO_NAME = "dsft_run_info.json"
 
 
-def write_run_info(args, topo: Topology, threads: int | None, model=None) -> dict:
-    """Record who trained: every rank reports (rank, local rank, node) through the process group, and rank 0
-    writes the list with the versions next to the outputs. Proves all ranks joined one world."""
-    import json
+def rank_info(topo: Topology, threads: int | None, model=None) -> dict:
+    """What this rank reports about itself right after loading (before the first step)."""
     import platform
 
-    import transformers
+    from dsft.callbacks import peak_memory_bytes
 
     me = {"rank": topo.rank, "local_rank": topo.local_rank, "node_rank": int(os.environ.get("GROUP_RANK", 0)),
           "host": platform.node(), "pid": os.getpid(), "threads": threads}
@@ -168,9 +167,19 @@ def write_run_info(args, topo: Topology, threads: int | None, model=None) -> dic
         from dsft.model import parameter_elements
 
         me["param_elements_held"], me["param_elements_total"] = parameter_elements(model)
-    from dsft.callbacks import peak_memory_bytes
-
     me["peak_memory_gb_after_load"] = round(peak_memory_bytes() / 2**30, 3)
+    return me
+
+
+def write_run_info(args, me: dict, model=None) -> dict:
+    """Record who trained: every rank reports ``me`` (rank, local rank, node, ...) through the process group, and
+    rank 0 writes the list with the versions next to the outputs. Proves all ranks joined one world."""
+    import json
+
+    import transformers
+
+    if model is not None:  # the Trainer turns activation checkpointing on at the start of train()
+        me = dict(me, activation_checkpointing=bool(getattr(model, "is_activation_checkpointing", False)))
     ranks = [me]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         ranks = [None] * torch.distributed.get_world_size()
@@ -190,6 +199,16 @@ def write_run_info(args, topo: Topology, threads: int | None, model=None) -> dic
             json.dump(info, f, indent=2)
         os.replace(path + ".tmp", path)
     return info
+
+
+class RunInfoCallback(TrainerCallback):
+    """Writes dsft_run_info.json when training starts (all ranks take part in the gather)."""
+
+    def __init__(self, me: dict) -> None:
+        self.me = me
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        write_run_info(args, self.me, model)
 
 
 def resolve_resume(cfg: RunConfig) -> str | None:
@@ -252,6 +271,7 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool = False, over
     from dsft import resume_check
     from dsft.guards import NonFiniteError, NonFiniteGuard
 
+    export_local_world_size()
     topo = topology()
     threads = configure_cpu_threads(topo)
     if threads is not None:
@@ -269,8 +289,7 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool = False, over
         resume_check.prepare_output_dir(args.output_dir, resume, overwrite)
         path = write_resolved(cfg, args.output_dir, use_cpu=accelerator_is_cpu())
         logger.info("resolved config written to %s", path)
-    write_run_info(args, topo, threads, trainer.model)
-    for callback in callbacks:
+    for callback in (RunInfoCallback(rank_info(topo, threads, trainer.model)), *callbacks):
         trainer.add_callback(callback)
     train_output = trainer.train(resume_from_checkpoint=resume)
     guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteGuard)), None)
