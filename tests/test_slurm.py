@@ -406,6 +406,8 @@ def test_a_two_task_job_trains_and_returns_per_rank_results(reference_job, capsy
     submitted = (r["folder"] / f"{r['job_id']}_submission.sh").read_text()
     assert main(["sbatch", str(r["config"])]) == 0
     rendered = capsys.readouterr().out
+    assert main(["submit", str(r["config"]), "--partition", "no-such-partition"]) == 2  # sbatch's refusal: one line
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("dsft: error: sbatch refused the job: ")
     opts = {}
     for name, text in (("submit", submitted), ("sbatch", rendered)):
         opts[name] = dict(line[len("#SBATCH --"):].split("=", 1) for line in text.splitlines()

@@ -83,6 +83,12 @@ def write_submitted_config(raw: dict, directory: Path, name: str | None = None) 
     return path
 
 
+def sbatch_refused(e: Exception) -> DsftError:
+    """submitit raises FailedJobError with sbatch's stderr when sbatch refuses a job: one line of it."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return DsftError(f"sbatch refused the job: {lines[-1] if lines else type(e).__name__}")
+
+
 def make_executor(cfg: RunConfig, folder: Path):
     """submitit's Slurm executor with the job's resources (the same ones the sbatch templates request)."""
     import submitit
@@ -119,7 +125,12 @@ def submit(config: str, overrides: list[str], slurm_flags: dict[str, Any]) -> Su
     job_dir = job_dir_of(cfg)
     submitted = write_submitted_config(raw, job_dir)
     executor = make_executor(cfg, job_dir / "%j")
-    job = executor.submit(SlurmTraining(str(submitted), cfg.slurm.max_requeues))
+    from submitit.core.utils import FailedJobError
+
+    try:
+        job = executor.submit(SlurmTraining(str(submitted), cfg.slurm.max_requeues))
+    except FailedJobError as e:
+        raise sbatch_refused(e) from None
     folder = Path(job.paths.folder)
     info = {"job_id": job.job_id, "config": str(submitted), "source_config": str(Path(config).absolute()),
             "output_dir": str(Path(cfg.train["output_dir"]).absolute()), "nodes": cfg.slurm.nodes,

@@ -23,7 +23,7 @@ from typing import Any
 
 from dsft.errors import ConfigError, DsftError
 from dsft.slurm.submit import (effective_config, job_dir_of, job_state, last_logged, make_executor, require_slurm,
-                               write_job_info, write_submitted_config)
+                               sbatch_refused, write_job_info, write_submitted_config)
 
 SWEEP_INFO_NAME = "dsft_sweep.json"
 RESULTS_NAME = "sweep_results"
@@ -115,11 +115,16 @@ def submit_sweep(config: str, overrides: list[str], slurm_flags: dict[str, Any],
         prepared.append((i, point, out, raw, cfg))
     from dsft.slurm.job import SlurmTraining
 
+    from submitit.core.utils import FailedJobError
+
     executor = make_executor(base_cfg, job_dir / "%j")
-    with executor.batch():
-        jobs = [executor.submit(SlurmTraining(str(write_submitted_config(raw, job_dir, f"point-{i:03d}.yaml")),
-                                              cfg.slurm.max_requeues))
-                for i, _, _, raw, cfg in prepared]
+    try:
+        with executor.batch():
+            jobs = [executor.submit(SlurmTraining(str(write_submitted_config(raw, job_dir, f"point-{i:03d}.yaml")),
+                                                  cfg.slurm.max_requeues))
+                    for i, _, _, raw, cfg in prepared]
+    except FailedJobError as e:
+        raise sbatch_refused(e) from None
     info = {"array_job_id": jobs[0].job_id.split("_")[0], "submitted_at": time.time(),
             "parameters": list(todo[0]), "points": []}
     for job, (i, point, out, _, cfg) in zip(jobs, prepared):
