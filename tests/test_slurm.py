@@ -189,7 +189,8 @@ def test_slurm_section_is_checked(tmp_path):
             "train": {"output_dir": str(tmp_path)}}
     for slurm, match in [({"time_min": 1, "signal_delay_s": 30}, "signal_delay_s"),
                          ({"nodes": 0}, "slurm.nodes"), ({"tasks_per_node": 0}, "slurm.tasks_per_node"),
-                         ({"partition": ""}, "slurm.partition"), ({"nodez": 2}, "did you mean 'nodes'")]:
+                         ({"partition": ""}, "slurm.partition"), ({"nodez": 2}, "did you mean 'nodes'"),
+                         ({"gpus_per_node": 4, "tasks_per_node": 2}, "one rank per device")]:
         with pytest.raises(ConfigError, match=match):
             validate(from_dict({**base, "slurm": slurm}))
     validate(from_dict({**base, "slurm": {"nodes": 2, "gpus_per_node": 4}}))

@@ -24,6 +24,9 @@ def check_slurm_config(s: SlurmConfig) -> None:
     for key in ("tasks_per_node", "cpus_per_task"):
         if getattr(s, key) is not None and getattr(s, key) < 1:
             raise ConfigError(f"slurm.{key}: must be at least 1, got {getattr(s, key)}")
+    if s.gpus_per_node and s.tasks_per_node is not None and s.tasks_per_node != s.gpus_per_node:
+        raise ConfigError(f"slurm.tasks_per_node: {s.tasks_per_node} ranks for {s.gpus_per_node} GPUs per node; dsft "
+                          "runs one rank per device (leave tasks_per_node unset, or make them equal)")
     if s.time_min * 60 - s.signal_delay_s < MIN_RUN_BEFORE_SIGNAL_S:
         raise ConfigError(f"slurm.signal_delay_s: {s.signal_delay_s} s before a {s.time_min} min time limit leaves "
                           f"less than {MIN_RUN_BEFORE_SIGNAL_S} s before the signal; raise slurm.time_min or lower it")
