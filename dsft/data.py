@@ -70,10 +70,32 @@ def check_utf8(path: Path) -> None:
             raise DataError(f"{path}: ends inside a truncated UTF-8 character") from None
 
 
+def _explain_load_failure(path: Path, key: str, spec: str) -> None:
+    """After a failed load, say why where datasets cannot: the file has no rows (datasets: "StopIteration"), or
+    the first line of a JSONL file that is not a JSON object ("An error occurred while generating the dataset")."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if not any(line.strip() for line in f):
+            raise DataError(f"data.{key}: {spec} has no rows")
+    if path.suffix != ".jsonl":
+        return
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+
+
 def load_rows(specs: str | list[str], key: str):
     """Load one split from file(s), a save_to_disk dir, or a hub dataset name."""
     import datasets
 
+    # datasets' JSON builder logs a traceback before it raises on a malformed line; dsft reports the line instead
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     parts = []
     for spec in _specs(specs):
         path = Path(spec).expanduser()
@@ -93,6 +115,8 @@ def load_rows(specs: str | list[str], key: str):
         except DataError:
             raise
         except Exception as e:  # pyarrow/json errors carry no file name; add it
+            if path.is_file():
+                _explain_load_failure(path, key, spec)  # an empty file, or the first line that is not a JSON object
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"data.{key}: cannot read {spec}: {first}") from None
         if len(loaded) == 0:

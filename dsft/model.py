@@ -31,9 +31,13 @@ def load_tokenizer(cfg: ModelConfig):
     """The tokenizer, with a pad token that is safe for dsft's label masks."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.tokenizer or cfg.name_or_path, revision=cfg.revision, trust_remote_code=_trust_remote_code(cfg)
-    )
+    source = cfg.tokenizer or cfg.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision,
+                                                  trust_remote_code=_trust_remote_code(cfg))
+    except (OSError, ValueError) as e:  # missing/unreadable tokenizer files: name the key, no traceback
+        key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+        raise _load_error(key, "tokenizer", source, e) from None
     ensure_pad_token(tokenizer)
     return tokenizer
 
@@ -56,12 +60,19 @@ def ensure_pad_token(tokenizer) -> None:
     raise DsftError("the tokenizer has no pad, unk, eos or bos token to pad with; add a pad token to it")
 
 
+def _load_error(key: str, what: str, source: str, e: Exception) -> ConfigError:
+    text = " ".join(str(e).split()) or type(e).__name__  # one line
+    return ConfigError(f"{key}: cannot load the {what} from {source}: {text[:300]}")
+
+
 def load_config_object(cfg: ModelConfig):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(
-        cfg.name_or_path, revision=cfg.revision, trust_remote_code=_trust_remote_code(cfg)
-    )
+    try:
+        config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                            trust_remote_code=_trust_remote_code(cfg))
+    except (OSError, ValueError) as e:
+        raise _load_error("model.name_or_path", "model config", cfg.name_or_path, e) from None
     for key, value in cfg.config_overrides.items():
         if not hasattr(config, key):
             raise ConfigError(f"model.config_overrides.{key}: {type(config).__name__} has no field '{key}'")
@@ -85,9 +96,12 @@ def load_model(cfg: ModelConfig, quantization: QuantizationConfig | None = None)
         model = AutoModelForCausalLM.from_config(config, **common)
     else:
         # safetensors only: pickled .bin checkpoints can execute code on load.
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, config=config, revision=cfg.revision, use_safetensors=True, **common
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.name_or_path, config=config, revision=cfg.revision, use_safetensors=True, **common
+            )
+        except OSError as e:  # no (safetensors) weights there
+            raise _load_error("model.name_or_path", "weights", cfg.name_or_path, e) from None
     # Training never reads a KV cache, and with one transformers stops confining attention to packed samples.
     model.config.use_cache = False
     return model
