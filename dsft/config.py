@@ -282,8 +282,13 @@ def _unknown_key_message(key: str, valid: list[str], where: str) -> str:
 
 
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):  # Literal[...] | None is a typing.Union named "Optional"
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is not None:  # list[str], dict[str, int]
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
