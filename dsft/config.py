@@ -462,7 +462,10 @@ def validate(cfg: RunConfig) -> None:
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if key in t and (not isinstance(t[key], int) or t[key] < 1):
             raise ConfigError(f"train.{key}: must be a positive integer, got {t[key]!r}")
-    if "learning_rate" in t and not (t["learning_rate"] > 0 and math.isfinite(t["learning_rate"])):
+    if "ddp_timeout" in t and (not isinstance(t["ddp_timeout"], int) or t["ddp_timeout"] < 1):
+        raise ConfigError(f"train.ddp_timeout: must be a positive number of seconds, got {t['ddp_timeout']!r}")
+    lr = t.get("learning_rate", 1.0)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"train.learning_rate: must be a positive number, got {t['learning_rate']}")
     if t.get("max_steps", -1) in (0,):
         raise ConfigError("train.max_steps: 0 trains nothing; set a positive number or -1 (use num_train_epochs)")
