@@ -8,7 +8,7 @@ waits until `--interrupt-at` steps are logged, sends what a preemption sends (su
 SIGTERM, then USR2), and lets it requeue and finish. From the ranks' results and sacct it reports: the step the
 run saved and stopped at, the step the requeued job resumed from (their difference is the work lost), and the
 time from the signal to the stop (step end + checkpoint save), to Slurm starting the requeued job, and to the
-first step done after the resume.
+first step done after the resume (all seconds after the signal).
 """
 
 from __future__ import annotations
@@ -29,11 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def job_starts(job_id: str) -> list[float]:
-    """Start times of every run of the job (the first and each requeue) from sacct (1 s resolution)."""
-    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "Start"], capture_output=True,
+def job_runs(job_id: str) -> list[tuple[float, float | None]]:
+    """(start, end) of every run of the job (the first and each requeue) from sacct (1 s resolution)."""
+    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "Start,End"], capture_output=True,
                          text=True).stdout.split()
-    return [datetime.fromisoformat(s).timestamp() for s in out if s and s != "Unknown"]
+
+    def stamp(text: str) -> float | None:
+        return None if text in ("", "Unknown") else datetime.fromisoformat(text).timestamp()
+
+    return [(stamp(start), stamp(end)) for start, end in (line.split("|") for line in out)]
 
 
 def one_run(tmp: Path, a: argparse.Namespace) -> dict:
@@ -71,12 +75,14 @@ def one_run(tmp: Path, a: argparse.Namespace) -> dict:
         raise SystemExit(f"dsft submit --wait failed:\n{tail[-3000:]}")
     results = submitit.SlurmJob(folder=folder, job_id=job_id, tasks=[0, 1]).results()
     first, second = results[0]["attempts"]
-    starts = job_starts(job_id)
+    runs = job_runs(job_id)
     return {
         "job_id": job_id, "logged_step_when_signalled": a.interrupt_at,
         "stopped_at_step": first["stopped_at_step"], "resumed_at_step": second["start_step"],
         "steps_lost": first["stopped_at_step"] - second["start_step"], "final_step": results[0]["global_step"],
-        "requeued_job_started_s": round(starts[-1] - first["signal_at"], 1) if len(starts) >= 2 else None,
+        # the first run ends when rank 0 requeues it: after the step in flight and the checkpoint save
+        "stopped_and_requeued_s": round(runs[0][1] - first["signal_at"], 1) if len(runs) >= 2 else None,
+        "requeued_job_started_s": round(runs[-1][0] - first["signal_at"], 1) if len(runs) >= 2 else None,
         "resumed_first_step_s": round(second["first_step_at"] - first["signal_at"], 1),
         "restarts": results[0]["restart"],
     }
@@ -99,8 +105,8 @@ def main() -> None:
     cred_line = next((x.strip() for x in cred.splitlines() if x.startswith("AuthInfo")), "AuthInfo ?")
     print(f"2 CPU ranks, SmolLM2-135M architecture (random weights), fp32, deepspeed={a.deepspeed or 'none'}, "
           f"{a.steps} steps, interrupted once logged step {a.interrupt_at} was seen; {cred_line}\n")
-    keys = ["stopped_at_step", "resumed_at_step", "steps_lost", "final_step", "requeued_job_started_s",
-            "resumed_first_step_s"]
+    keys = ["stopped_at_step", "resumed_at_step", "steps_lost", "final_step", "stopped_and_requeued_s",
+            "requeued_job_started_s", "resumed_first_step_s"]
     print("| run | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for i, r in enumerate(rows, start=1):
