@@ -124,6 +124,14 @@ def test_kill_while_writing_a_checkpoint_then_resume_from_the_previous_complete_
     assert len(list((out / PARTIAL_DIR).iterdir())) == 1
     assert (out / "dsft_done.json").is_file() and (out / "model.safetensors").is_file()
 
+    # weights as safetensors only: the final save, the checkpoint, and the checkpoint consolidated
+    from dsft.checkpoint import consolidate
+    from test_security import pickled_weight_files
+
+    merged = consolidate(out / "checkpoint-6", tmp_path / "consolidated")
+    assert (out / "checkpoint-6" / "model.safetensors").is_file() and (merged / "model.safetensors").is_file()
+    assert pickled_weight_files(out, deepspeed_state=True) == [] and pickled_weight_files(merged) == []
+
 
 # --------------------------------------------------------------------------------------------------
 # 2. rank failure
