@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +42,8 @@ FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 def cpu_env(**extra: str) -> dict:
     """Environment for CPU ranks: DeepSpeed's CPU accelerator, one thread per rank, offline."""
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
 @dataclass
@@ -56,7 +57,8 @@ class RunRecord:
 
 
 def run_dsft(cfg: dict, workdir: Path, name: str, nproc: int = 2, env: dict | None = None) -> RunRecord:
-    """Train ``cfg`` (a run-config dict; train.output_dir is set here) on ``nproc`` CPU ranks under torchrun."""
+    """Train ``cfg`` (a run-config dict; train.output_dir is set here) on ``nproc`` CPU ranks under torchrun
+    (one rank: a plain process)."""
     workdir = Path(workdir)
     out = workdir / name
     cfg = {**cfg, "train": {**cfg.get("train", {}), "output_dir": str(out)}}
@@ -64,8 +66,11 @@ def run_dsft(cfg: dict, workdir: Path, name: str, nproc: int = 2, env: dict | No
     path.write_text(yaml.safe_dump(cfg))
     peaks = workdir / f"{name}.peaks"
     peaks.mkdir(parents=True, exist_ok=True)
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           str(REPO / "bench" / "rank_peak.py"), str(peaks), "--config", str(path)]
+    entry = [str(REPO / "bench" / "rank_peak.py"), str(peaks), "--config", str(path)]
+    # one rank: a plain process, as `dsft train` runs it (under torchrun the Trainer would wrap even a single
+    # process in DistributedDataParallel, whose buckets hold a second copy of the gradients)
+    cmd = ([sys.executable, *entry] if nproc == 1 else
+           [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *entry])
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env or cpu_env(), capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -82,6 +87,43 @@ def run_dsft(cfg: dict, workdir: Path, name: str, nproc: int = 2, env: dict | No
         r = json.loads(f.read_text())
         rec.peak_rss_bytes[int(r["rank"])] = int(r["peak_rss_bytes"])
     return rec
+
+
+def train_one_process(cfg: dict, workdir: Path, name: str, env: dict) -> dict:
+    """``dsft train`` of ``cfg`` as one fresh process; returns the final Trainer record of its log (train_runtime,
+    train_loss, num_input_tokens_seen), the logged losses, the last step and the wall time."""
+    path = Path(workdir) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    start = time.perf_counter()
+    proc = subprocess.run([str(BIN / "dsft"), "train", str(path)], cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    logs = [json.loads(x) for x in (Path(cfg["train"]["output_dir"]) / "dsft_log.jsonl").read_text().splitlines()]
+    final = next(r for r in reversed(logs) if "train_runtime" in r and "train_loss" in r)
+    return {**final, "losses": [r["loss"] for r in logs if "loss" in r], "steps": max(r["step"] for r in logs),
+            "wall_s": wall}
+
+
+def alternate(sides: dict[str, Callable[[int], dict]], pairs: int, rate_key: str) -> list[dict]:
+    """Run every side once per pair, the order alternating (A B, B A, A B, ...) so that load from other processes
+    on the machine hits all sides alike. ``sides[name](pair)`` returns a dict holding ``rate_key``."""
+    runs = []
+    names = list(sides)
+    for i in range(pairs):
+        for name in names if i % 2 == 0 else names[::-1]:
+            r = dict(sides[name](i), side=name, pair=i, loadavg=os.getloadavg()[0])
+            runs.append(r)
+            print(f"# pair {i} {name}: {r[rate_key]:.1f} {rate_key} ({r.get('steps', '?')} steps, "
+                  f"{r.get('train_runtime', 0):.0f} s training, {r.get('wall_s', 0):.0f} s wall)", file=sys.stderr,
+                  flush=True)
+    return runs
+
+
+def pair_ratios(runs: list[dict], a: str, b: str, rate_key: str) -> list[float]:
+    """Per pair: side a's rate over side b's."""
+    by = {(r["pair"], r["side"]): r[rate_key] for r in runs}
+    return [by[(i, a)] / by[(i, b)] for i in sorted({r["pair"] for r in runs})]
 
 
 def machine() -> dict:

@@ -102,7 +102,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for row in a.rows:
                 cfg = run_config(row, a.steps)
-                entry = {"row": row, "config": cfg, "seconds": {}, "peak_rss_bytes": {}}
+                entry = measured.get(row) if measured.get(row, {}).get("config") == cfg else None
+                entry = entry or {"row": row, "config": cfg, "seconds": {}, "peak_rss_bytes": {}}
+                measured[row] = entry
                 for alloc in a.allocators:
                     env = cpu_env(**(FIXED_MMAP_THRESHOLD if alloc == "fixed" else {}))
                     rec = run_dsft(cfg, Path(tmp), f"{row}-{alloc}", nproc=ROWS[row][1], env=env)
@@ -111,9 +113,8 @@ def main() -> None:
                     print(f"# {row} ({alloc} malloc): {rec.seconds:.0f} s, peak RSS per rank "
                           f"{[round(v / 2**30, 3) for v in rec.peak_rss_bytes.values()]} GiB", file=sys.stderr,
                           flush=True)
-                measured[row] = entry
-                write_result("plan_validation", {"machine": info, "process_baseline_bytes": baseline,
-                                                 "rows": list(measured.values())})
+                    write_result("plan_validation", {"machine": info, "process_baseline_bytes": baseline,
+                                                     "rows": list(measured.values())})
 
     rows_out, table = [], []
     for row in [r for r in ROWS if r in measured]:

@@ -478,7 +478,8 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
         buffers += sizes["prefetch_bucket"] * prec.weight_bytes
         buffers += sizes["reduce_bucket"] * prec.weight_bytes * (2 if sizes["overlap_comm"] else 1)
     if not use_ds and world > 1:
-        buffers += 2 * 25 * 2**20 * prec.weight_bytes // 4  # DDP gradient buckets (25 MB, two in flight)
+        # DDP's buckets hold a second copy of every gradient (the Trainer leaves gradient_as_bucket_view off)
+        buffers += shape.trainable * prec.weight_bytes
 
     overhead = _overhead(hw)
     # gradients appear during backward while activations are freed; non-partitioned gradients are freed after the
@@ -642,7 +643,7 @@ def step_estimate(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup)
 @functools.lru_cache(maxsize=4)
 def measure_cpu_peak_flops(dtype: str = "fp32", threads: int | None = None) -> float:
     """Matmul FLOP/s of this CPU in ``dtype`` with ``threads`` threads (default: torch's setting); best of a
-    few 1024x1024 products over ~0.3 s. CPUs without native bf16 run bf16 matmuls far slower than fp32."""
+    few 1024x1024 products over ~0.15 s. CPUs without native bf16 run bf16 matmuls far slower than fp32."""
     import torch
 
     old = torch.get_num_threads()
@@ -656,7 +657,7 @@ def measure_cpu_peak_flops(dtype: str = "fp32", threads: int | None = None) -> f
         best = 0.0
         for _ in range(3):
             start, count = time.perf_counter(), 0
-            while time.perf_counter() - start < 0.1:
+            while time.perf_counter() - start < 0.05:
                 a @ b
                 count += 1
             best = max(best, 2 * n**3 * count / (time.perf_counter() - start))

@@ -69,10 +69,7 @@ CURVES = (("loss", "train loss"), ("learning_rate", "learning rate"), ("grad_nor
 
 def plot_curves(logs: list[dict], path: str | os.PathLike, title: str = "") -> Path:
     """One PNG with a panel per logged curve (eval loss drawn with the train loss), against the optimizer step."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-    except ImportError:
-        raise DsftError("dsft report: plots need matplotlib (pip install matplotlib); or pass --text-only") from None
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
     panels = [(key, label) for key, label in CURVES if any(key in r for r in logs)]
     if not panels:
         raise DsftError("dsft report: the log has no training curves to plot")
@@ -123,10 +120,20 @@ def markdown_summary(output_dir: str | os.PathLike, png_name: str | None = REPOR
 
 def write_report(output_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> list[Path]:
     """Write ``dsft_report.png`` (the curves) and ``dsft_report.md`` (summary + the image) to ``out``
-    (default: the run's output dir). Returns the paths."""
+    (default: the run's output dir). Returns the paths. Without matplotlib (``pip install 'dsft[report]'``)
+    only the markdown is written."""
+    import importlib.util
+    import logging
+
     logs = read_log(output_dir)
     target = Path(out) if out else Path(output_dir)
-    png = plot_curves(logs, target / REPORT_PNG, title=Path(output_dir).name)
+    written = []
+    if importlib.util.find_spec("matplotlib") is not None:
+        written.append(plot_curves(logs, target / REPORT_PNG, title=Path(output_dir).name))
+    else:
+        logging.getLogger(__name__).warning("matplotlib is not installed: no %s (pip install 'dsft[report]')",
+                                            REPORT_PNG)
     md = target / REPORT_MD
-    md.write_text(markdown_summary(output_dir, png.name), encoding="utf-8")
-    return [png, md]
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(markdown_summary(output_dir, written[0].name if written else None), encoding="utf-8")
+    return [*written, md]
