@@ -175,6 +175,9 @@ def optimizer_cls_and_kwargs(model: nn.Module, args, lr_ratio: float):
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
+    if hasattr(model, "get_nb_trainable_parameters"):
+        # peft counts a packed 4-bit weight as the parameters it holds (not its bytes) and ZeRO-3's ds_numel
+        return model.get_nb_trainable_parameters()
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
