@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/dsft prepare-demo --cache-dir $(CACHE)
 	@echo "=== before fine-tuning: greedy completion of a held-out HumanEval prompt ==="
 	$(BIN)/dsft generate $(CACHE)/models/SmolLM2-135M-Instruct --prompt-file $(PROMPT) --max-new-tokens 64
-	$(BIN)/dsft train $(DEMO_CFG)
+	$(BIN)/dsft train $(DEMO_CFG) --overwrite  # a rerun replaces the previous demo run (dsft refuses otherwise)
 	@echo "=== after fine-tuning ==="
 	$(BIN)/dsft generate $(DEMO_OUT) --prompt-file $(PROMPT) --max-new-tokens 64
 	$(BIN)/dsft report $(DEMO_OUT)

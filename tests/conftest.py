@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def early_dsft_process(request, test_name: str, *args: str):
+    """``python -m dsft ARGS`` in a fresh interpreter, started right away so that its ~10 s of imports overlap the
+    in-process tests of the module; yields the Popen (None when ``test_name`` is deselected), killed at the end."""
+    if not any(item.originalname == test_name for item in request.session.items):
+        yield None
+        return
+    proc = subprocess.Popen([sys.executable, "-m", "dsft", *args], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import copy_task_rows, write_jsonl
+from conftest import copy_task_rows, early_dsft_process, write_jsonl
 from dsft.cli import main
 from test_config import BAD as CONFIG_BAD
 from test_config import merge
@@ -240,24 +240,11 @@ def test_bad_config_through_dsft_train(tmp_path, tiny_model_dir, capsys, patch, 
 @pytest.fixture(scope="module", autouse=True)
 def real_process(request, tmp_path_factory, tiny_model_dir):
     """``python -m dsft train`` on a chat without an assistant turn, in a fresh interpreter started when this
-    module starts (its ~10 s of imports overlap the in-process cases). Not started when its test is deselected."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    if not any(item.originalname == "test_a_data_error_in_a_real_process" for item in request.session.items):
-        yield None
-        return
+    module starts."""
     tmp = tmp_path_factory.mktemp("bad-input-process")
     config = _config_case(tmp, tiny_model_dir, next(c[1] for c in CASES if c[0] == "data-chat-without-assistant"))
-    proc = subprocess.Popen([sys.executable, "-m", "dsft", "train", str(config)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    yield proc, tmp / "out"
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    with early_dsft_process(request, "test_a_data_error_in_a_real_process", "train", str(config)) as proc:
+        yield proc, tmp / "out"
 
 
 @pytest.mark.integration

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, copy_task_rows, write_jsonl
+from conftest import copy_task_rows, early_dsft_process, write_jsonl
 from dsft.cli import main
 from dsft.config import (
     RESOLVED_CONFIG_NAME,
@@ -236,25 +233,14 @@ def test_bad_config_fails_with_clear_message(env, capsys, patch, sets, expected)
 
 @pytest.fixture(scope="module", autouse=True)
 def real_process(request, tmp_path_factory):
-    """``python -m dsft validate bad.yaml`` in a real process, started when this module starts.
-
-    Its import of torch/transformers takes ~10 s; it runs alongside the in-process tests instead of after them.
-    Not started when its test is deselected.
-    """
-    if not any(item.originalname == "test_bad_config_exits_2_in_a_real_process" for item in request.session.items):
-        yield None
-        return
+    """``python -m dsft validate bad.yaml`` in a real process, started when this module starts (its import of
+    torch/transformers takes ~10 s; it runs alongside the in-process tests instead of after them)."""
     tmp = tmp_path_factory.mktemp("real-process")
     bad = tmp / "bad.yaml"
     bad.write_text(yaml.safe_dump({"modle": {"name_or_path": "x"}, "data": {"train": "t.jsonl"},
                                    "train": {"output_dir": str(tmp / "out")}}), encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-m", "dsft", "validate", str(bad)], cwd=REPO,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    yield proc, tmp / "out"
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    with early_dsft_process(request, "test_bad_config_exits_2_in_a_real_process", "validate", str(bad)) as proc:
+        yield proc, tmp / "out"
 
 
 @pytest.mark.integration
