@@ -18,6 +18,7 @@ from dsft.checkpoint import (
     COMPLETE_MARKER,
     PARTIAL_DIR,
     atomic_write_text,
+    checkpoint_step,
     is_complete,
     latest_complete_checkpoint,
     list_checkpoints,
@@ -107,22 +108,32 @@ def finished_run(output_dir: str | os.PathLike) -> dict | None:
 
 
 def check_output_dir(cfg: RunConfig, resume: str | None, overwrite: bool = False) -> None:
-    """A finished run is never trained over, and a fresh start never writes over an earlier run's
-    checkpoints, unless ``overwrite``."""
+    """Unless ``overwrite``: a finished run is only ever continued (resumed with steps left to train), never
+    trained over from scratch, and a fresh start never writes over an earlier run's checkpoints."""
     if overwrite:
         return
     out = cfg.train["output_dir"]
     done = finished_run(out)
     if done is not None:
-        step = f" at step {done['global_step']}" if "global_step" in done else ""
-        raise ConfigError(f"train.output_dir: {out} holds a finished run (completed{step}, {DONE_MARKER}); "
-                          "choose another output_dir, or pass --overwrite to train there from scratch")
+        finished = f"{out} holds a finished run (completed{_at_step(done)}, {DONE_MARKER})"
+        if resume is None:
+            raise ConfigError(f"train.output_dir: {finished}; choose another output_dir, or pass --overwrite to "
+                              "train there from scratch")
+        step, max_steps = checkpoint_step(resume), cfg.train.get("max_steps", -1)
+        if step is not None and isinstance(max_steps, int) and 0 < max_steps <= step:
+            raise ConfigError(f"train.output_dir: {finished}; resuming {Path(resume).name} with train.max_steps="
+                              f"{max_steps} leaves nothing to train: raise train.max_steps to continue it, or pass "
+                              "--overwrite to start over")
     if resume is None:
         complete = [p.name for p in list_checkpoints(out) if is_complete(p)]
         if complete:
             raise ConfigError(f"train.output_dir: {out} already holds checkpoints ({', '.join(complete[-3:])}) of "
                               "an unfinished run; continue it with train.resume_from_checkpoint: auto, or pass "
                               "--overwrite to start over")
+
+
+def _at_step(done: dict) -> str:
+    return f" at step {done['global_step']}" if "global_step" in done else ""
 
 
 def clear_for_overwrite(output_dir: str | os.PathLike) -> list[Path]:
@@ -144,11 +155,16 @@ def clear_for_overwrite(output_dir: str | os.PathLike) -> list[Path]:
 
 def prepare_output_dir(output_dir: str | os.PathLike, resume: str | None, overwrite: bool) -> None:
     """On the main process, right before training: apply --overwrite, and move incomplete checkpoints
-    out of the way so the Trainer never writes into or rotates against one."""
+    out of the way so the Trainer never writes into or rotates against one. A finished run being continued
+    loses its done marker until it finishes again (a crash meanwhile leaves it resumable, not "finished")."""
     if overwrite:
         for path in clear_for_overwrite(output_dir):
             logger.warning("--overwrite: removed %s", path)
         return
+    done = finished_run(output_dir)
+    if done is not None:
+        logger.info("continuing the finished run in %s (completed%s)", output_dir, _at_step(done))
+        (Path(output_dir) / DONE_MARKER).unlink()
     for path in set_aside_incomplete(output_dir, keep=resume):
         logger.warning("moved the incomplete checkpoint to %s (it was being written when a run stopped)", path)
 

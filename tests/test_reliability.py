@@ -297,13 +297,20 @@ def test_a_finished_run_is_not_trained_over_without_overwrite(finished_run, tmp_
     before = {p.name: _digests(p) for p in list_checkpoints(out)}
     done = (out / "dsft_done.json").read_text()
     capsys.readouterr()
-    for extra in ([], ["--set", "train.resume_from_checkpoint=auto"]):
+    auto = ["--set", "train.resume_from_checkpoint=auto"]
+    for extra, why in (([], "choose another output_dir"), (auto, "with train.max_steps=4 leaves nothing to train")):
         assert main(["train", str(config), *extra]) == 2
         err = capsys.readouterr().err
         assert "dsft: error: train.output_dir:" in err and "holds a finished run (completed at step 4" in err
-        assert "--overwrite" in err and "Traceback" not in err
+        assert why in err and "--overwrite" in err and "Traceback" not in err
     assert {p.name: _digests(p) for p in list_checkpoints(out)} == before
     assert (out / "dsft_done.json").read_text() == done
+
+    # continuing it (more steps) is a resume: checkpoint-4 -> step 5, finished again at step 5
+    assert main(["train", str(config), "--set", "train.resume_from_checkpoint=auto",
+                 "--set", "train.max_steps=5"]) == 0
+    assert [r["step"] for r in _logged(out) if "loss" in r][-1] == 5
+    assert json.loads((out / "dsft_done.json").read_text())["global_step"] == 5
 
     # --overwrite: the old checkpoints and markers go, a fresh 1-step run takes the dir
     assert main(["train", str(config), "--overwrite", "--set", "train.max_steps=1"]) == 0
