@@ -291,8 +291,11 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool = False, over
         logger.info("resolved config written to %s", path)
     for callback in (RunInfoCallback(rank_info(topo, threads, trainer.model)), *callbacks):
         trainer.add_callback(callback)
-    train_output = trainer.train(resume_from_checkpoint=resume)
     guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteGuard)), None)
+    if guard is not None:  # last: its veto on saving a non-finite step overrides any other callback's save
+        trainer.pop_callback(guard)
+        trainer.add_callback(guard)
+    train_output = trainer.train(resume_from_checkpoint=resume)
     if guard is not None and guard.tripped:
         raise NonFiniteError(guard.tripped)  # the last good checkpoint stays the newest; no final save
     trainer.save_model(args.output_dir)

@@ -269,6 +269,44 @@ def test_nonfinite_guard_under_deepspeed_on_two_ranks(tmp_path, tiny_model_dir, 
     assert all(v == v for v in steps[5]["loss"]), "rank 0's own loss was finite"  # rank 0 writes the report
 
 
+def test_guard_blocks_saves_on_non_finite_steps_and_stops_only_after_k_in_a_row(tmp_path):
+    """The decision alone, one process: a transient non-finite step is not saved but does not stop the run; a
+    finite step resets the count; K in a row stop it, with the report written."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import TrainerControl
+
+    from dsft.guards import NonFiniteGuard
+
+    guard = NonFiniteGuard(max_steps=2)
+    model = torch.nn.Linear(2, 1)
+    args = SimpleNamespace(fp16=False, world_size=1, process_index=0, device="cpu", output_dir=str(tmp_path))
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True, log_history=[{"loss": 1.0, "step": 1}])
+
+    def step(loss: float, grad: float) -> TrainerControl:
+        guard._record_loss(model, None, {"loss": torch.tensor(loss)})
+        model.weight.grad = torch.full_like(model.weight, grad)
+        guard.on_pre_optimizer_step(args, state, TrainerControl(), model=model)
+        state.global_step += 1
+        control = TrainerControl(should_save=True)
+        guard.on_step_end(args, state, control)
+        return control
+
+    nan, inf = float("nan"), float("inf")
+    assert step(1.0, 0.1).should_save
+    transient = step(nan, 0.1)
+    assert not transient.should_save and not transient.should_training_stop and guard.tripped is None
+    assert step(1.0, 0.1).should_save and guard.streak == 0  # a finite step resets the count
+    assert not step(1.0, inf).should_save and guard.streak == 1  # a non-finite gradient norm counts too
+    stop = step(nan, 0.1)
+    assert stop.should_training_stop and not stop.should_save and not stop.should_evaluate
+    assert "training stopped at step 5" in guard.tripped and "since step 4" in guard.tripped
+    report = json.loads((tmp_path / "dsft_nonfinite.json").read_text())
+    assert [r["step"] for r in report["recent_steps"]] == [1, 2, 3, 4, 5]
+    assert report["recent_steps"][3]["grad_norm"] == inf and report["recent_steps"][4]["nonfinite_loss_ranks"] == [0]
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. safe resume, finished runs
 
