@@ -24,7 +24,7 @@ from dsft.checkpoint import (
     list_checkpoints,
     set_aside_incomplete,
 )
-from dsft.config import RESOLVED_CONFIG_NAME, RunConfig, read_yaml, resolved_dict
+from dsft.config import RESOLVED_CONFIG_NAME, RunConfig, from_dict, read_yaml, resolved_dict
 from dsft.errors import ConfigError
 
 logger = logging.getLogger("dsft")
@@ -84,6 +84,10 @@ def check_resume_matches(cfg: RunConfig, resume: str, force: bool = False) -> No
         logger.warning("%s: no %s with it, so dsft cannot check that this run uses the same model and data",
                        resume, RESOLVED_CONFIG_NAME)
         return
+    try:  # through the current dataclasses: a field added since the checkpoint was written shows its default
+        saved = resolved_dict(from_dict(saved))
+    except ConfigError:
+        pass  # a key that no longer exists: compare as written
     changes = config_diff(saved, resolved_dict(cfg))
     if not changes:
         return

@@ -116,3 +116,22 @@ def test_incomplete_checkpoints_are_set_aside_not_deleted(tmp_path):
     assert len(moved) == 1 and moved[0].parent == out / PARTIAL_DIR and moved[0].name.startswith("checkpoint-6-")
     assert (moved[0] / "model.safetensors").read_bytes() == b"w" * 6
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", PARTIAL_DIR]
+
+
+def test_a_field_added_since_the_checkpoint_was_written_is_not_a_change(tmp_path):
+    """The checkpoint's dsft_config.yaml from an older dsft lacks a newer field: it compares as its default."""
+    import yaml
+
+    from dsft.config import RESOLVED_CONFIG_NAME, resolved_dict
+    from dsft.resume_check import check_resume_matches
+
+    cfg = _cfg(tmp_path, "last")
+    path = _checkpoint(tmp_path / "out", 5)
+    old = resolved_dict(cfg)
+    del old["data"]["seed"], old["peft"]  # as if written before these existed
+    (path / RESOLVED_CONFIG_NAME).write_text(yaml.safe_dump(old))
+    check_resume_matches(cfg, str(path))  # no error
+    old["data"]["max_seq_len"] = 7
+    (path / RESOLVED_CONFIG_NAME).write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=r"changed: data.max_seq_len: 7 -> 1024"):
+        check_resume_matches(cfg, str(path))
