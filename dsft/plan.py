@@ -480,16 +480,25 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
     if not use_ds and world > 1:
         # DDP's buckets hold a second copy of every gradient (the Trainer leaves gradient_as_bucket_view off)
         buffers += shape.trainable * prec.weight_bytes
+    if use_ds and stage == 0 and world > 1:
+        # ZeRO-0 all-reduces the gradients flattened into buckets of up to 5e8 elements (a copy), at the step
+        step_extra += min(shape.trainable, 5e8) * prec.weight_bytes
 
     overhead = _overhead(hw)
-    # gradients appear during backward while activations are freed; non-partitioned gradients are freed after the
-    # step (set_to_none), partitioned ones (ZeRO-2/3) live in one buffer
-    head_grads = (shape.lm_head_params or shape.embedding_params) * prec.weight_bytes \
+    # Gradients appear during backward while the activations are freed (and plain gradients are freed again after
+    # the step). ZeRO-2/3 put them into one partition buffer allocated at the first reduction, early in backward —
+    # on an accelerator it counts whole from then; on the CPU its pages become resident only as they are written.
+    head_grads = (shape.lm_head_params or shape.embedding_params) * prec.weight_bytes / (world if stage >= 2 else 1) \
         if shape.frozen_matmul_params == 0 else 0
-    if stage >= 2:
-        fwd_bwd = weights + optim + grads + act + buffers
+    # At the end of backward: every gradient, the embedding's dense gradient before it is added into the (tied)
+    # weight's, and with checkpointing the first layer recomputed.
+    embedding_grad = shape.embedding_params * prec.weight_bytes if shape.frozen_matmul_params == 0 else 0
+    recomputed = acts["per_layer_per_token"] * setup.micro_batch * _seq_len(cfg) if setup.activation_checkpointing \
+        else 0
+    if stage >= 2 and not hw.is_cpu:
+        fwd_bwd = weights + optim + grads + max(act, embedding_grad + recomputed) + buffers
     else:
-        fwd_bwd = weights + optim + head_grads + max(act, grads - head_grads) + buffers
+        fwd_bwd = weights + optim + max(head_grads + act, grads + embedding_grad + recomputed) + buffers
     step = weights + optim + grads + step_extra + buffers
     load = _load_bytes(shape, prec, wb, stage, world, use_ds)
     save = weights + optim + _save_bytes(cfg, shape, prec, wb, stage)
@@ -744,8 +753,11 @@ def candidates(base: Setup, world_from: int, world_to: int) -> list[Setup]:
     if not micros:  # the global batch does not divide over the target world: keep the micro-batch, round accum
         micros = [base.micro_batch]
     out = []
-    for stage, off_opt, off_par in ((0, False, False), (1, False, False), (2, False, False), (3, False, False),
-                                    (2, True, False), (3, True, False), (3, True, True)):
+    variants = [(0, False, False), (1, False, False), (2, False, False), (3, False, False), (2, True, False),
+                (3, True, False), (3, True, True)]
+    if world_to == 1:  # nothing to shard across: only ZeRO-Offload can help one device
+        variants = [v for v in variants if v[0] == 0 or v[1]]
+    for stage, off_opt, off_par in variants:
         for ac in (False, True):
             for m in micros:
                 accum = max(1, round(per_device / m))
@@ -811,9 +823,9 @@ def plan(cfg: RunConfig, hw: Hardware, world_from: int | None = None) -> Plan:
             continue
         e = step_estimate(cfg, shape, hw, cand)
         # fastest first; then no offload, no ZeRO-3 (50% more traffic than DDP/ZeRO-1/2, which the FLOPs
-        # estimate does not see), the larger micro-batch, and the least memory
+        # estimate does not see), the configured micro-batch (else the largest that fits), and the least memory
         key = (round(e["step_time_s"] or 0, 6), cand.offload_params, cand.offload_optimizer, cand.stage == 3,
-               -cand.micro_batch, m.peak)
+               cand.micro_batch != base.micro_batch, -cand.micro_batch, m.peak)
         if best is None or key < best[0]:
             best = (key, cand, m, e)
     notes = []
@@ -918,8 +930,10 @@ def format_plan(p: Plan) -> str:
     e = p.configured_estimate
     if e.get("peak_flops"):
         lines.append("")
+        peak = e["peak_flops"]
+        peak_text = f"{peak / 1e12:.4g} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.3g} GFLOP/s (measured)"
         lines.append(f"estimate: {e['flops_per_token']['hardware'] / 1e9:.2f} GFLOPs per token "
-                     f"(model {e['flops_per_token']['model'] / 1e9:.2f}), peak {e['peak_flops'] / 1e12:.3g} TFLOP/s "
-                     f"per device at MFU {e['mfu_assumed']:.0%}")
+                     f"(model {e['flops_per_token']['model'] / 1e9:.2f}), peak {peak_text} per device at MFU "
+                     f"{e['mfu_assumed']:.0%}")
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
