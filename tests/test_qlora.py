@@ -131,6 +131,13 @@ def test_4bit_layers_are_linear4bit_with_packed_uint8_weights(tiny_model_dir):
     packed = sum(q8[n].weight.numel() for n in projections)
     # + per-block absmax and the code tables (1.3 KB per layer: large next to these 64-wide layers only)
     assert packed < counted["quantized"] < packed + 14 * 1400
+    # the logged parameter count counts what a packed weight holds, not its bytes
+    from dsft.config import LoraConfig, PeftConfig
+    from dsft.model import apply_lora, count_parameters
+
+    peft = PeftConfig(lora=LoraConfig(r=4))
+    assert count_parameters(apply_lora(as_uint8, peft, False)) == count_parameters(apply_lora(load_model(cfg), peft,
+                                                                                             False))
 
 
 def test_8bit_layers_are_linear8bitlt(tiny_model_dir):
