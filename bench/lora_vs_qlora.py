@@ -178,10 +178,11 @@ def main() -> None:
                           "total / bf16 base"], wrows))
     if parity:
         print("\nMerge parity of the QLoRA adapter (logits on 2 prompts)\n")
+        prows = [[k, f"{v['max_abs_logit_diff']:.3g}",
+                  f"{v['adapter_effect_max_abs']:.3g}" if "adapter_effect_max_abs" in v else "-",
+                  f"{v['max_abs_logit']:.1f}"] for k, v in parity.items()]
         print(markdown_table(["merge", "max abs logit diff vs unmerged", "adapter's own effect (max abs)",
-                              "max abs logit"],
-                             [[k, f"{v['max_abs_logit_diff']:.3g}", f"{v['adapter_effect_max_abs']:.3g}" if "adapter_effect_max_abs" in v else "-",
-                               f"{v['max_abs_logit']:.1f}"] for k, v in parity.items()]))
+                              "max abs logit"], prows))
     path = write_result("lora_vs_qlora", {"machine": at_start, "steps": a.steps, "seq": a.seq, "bf16": a.bf16,
                                           "lora": LORA,
                                           "runs": results, "reference": REFERENCE, "weights_bytes": weights,

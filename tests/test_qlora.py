@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 import yaml
 
 from conftest import copy_task_rows, write_jsonl
-from dsft.config import QuantizationConfig, from_dict, load_config, reference_markdown, validate
+from dsft.config import QuantizationConfig, from_dict, reference_markdown, validate
 from dsft.errors import ConfigError
 from test_distributed import BIN, _config, _logs, _run, free_port
 
@@ -313,6 +312,8 @@ def test_activation_checkpointing_modes_agree_under_zero3_and_zero2(two_rank_run
     """Non-reentrant (the default) and reentrant checkpointing both back-propagate through the frozen 4-bit
     layers under ZeRO-3, with the same losses; ZeRO-2 gives the same losses too."""
     reference = _step_losses(two_rank_runs / "zero3" / "out")
+    info = json.loads((two_rank_runs / "zero2" / "out" / "dsft_run_info.json").read_text())
+    assert info["world_size"] == 2 and info["deepspeed_zero_stage"] == 2
     for name, rel in (("zero3-reentrant", 1e-3), ("zero2", 1e-2)):
         other = _step_losses(two_rank_runs / name / "out")
         assert sorted(other) == sorted(reference), name
