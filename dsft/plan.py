@@ -609,7 +609,7 @@ def device_peak_flops(dtype: str) -> float | None:
     if accelerator_is_cpu():
         import torch
 
-        return cpu_peak_flops(dtype, torch.get_num_threads())
+        return cpu_peak_flops(dtype, torch.get_num_threads(), refresh=False)
     if dtype not in ("bf16", "fp16"):
         return None
     name = accelerator_name(local_device_name() or "")
@@ -675,21 +675,25 @@ def measure_cpu_peak_flops(dtype: str = "fp32", threads: int | None = None) -> f
         torch.set_num_threads(old)
 
 
-def cpu_peak_flops(dtype: str, threads: int) -> float:
-    """This CPU's matmul peak: a fresh measurement, raised to the best one seen before on this machine (kept in
-    ``$DSFT_CACHE/cpu_peak_flops.json``). On a shared machine one measurement can catch the cores busy; the best
-    seen is the closer to the hardware's peak, which keeps MFU from being inflated by a low peak."""
+def cpu_peak_flops(dtype: str, threads: int, refresh: bool = True) -> float:
+    """This CPU's matmul peak: the best measurement seen on this machine (kept in
+    ``$DSFT_CACHE/cpu_peak_flops.json``), after a fresh one unless ``refresh`` is off and one is known. On a shared
+    machine one measurement can catch the cores busy; the best seen is the closer to the hardware's peak, which
+    keeps MFU from being inflated by a low peak. Training passes refresh=False (no time taken from the run once
+    the machine is known); `dsft plan` measures again."""
     import json
     import platform
     from pathlib import Path
 
-    now = measure_cpu_peak_flops(dtype, threads)
     path = Path(os.environ.get("DSFT_CACHE", Path.home() / ".cache" / "dsft")) / "cpu_peak_flops.json"
     key = f"{platform.node()}/{dtype}/{threads}"
     try:
         seen = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         seen = {}
+    if not refresh and seen.get(key):
+        return float(seen[key])
+    now = measure_cpu_peak_flops(dtype, threads)
     best = max(now, float(seen.get(key, 0.0)))
     if best > float(seen.get(key, 0.0)):
         try:

@@ -231,7 +231,7 @@ def test_mfu_and_report_from_a_tiny_run(tmp_path, tiny_model_dir, train_file, ca
     cfg = _cfg(tiny_model_dir, train_file, tmp_path,
                model={"dtype": "fp32"}, data={"max_seq_len": 64, "cache_dir": str(tmp_path / "cache")},
                train={"bf16": False, "max_steps": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-                      "logging_steps": 1, "report_to": "none", "save_strategy": "no"})
+                      "logging_steps": 1, "report_to": "tensorboard", "save_strategy": "no"})
     result = run(cfg)
     logs = [json.loads(x) for x in (Path(result.output_dir) / "dsft_log.jsonl").read_text().splitlines()]
     train_logs = [r for r in logs if "loss" in r]
@@ -239,6 +239,11 @@ def test_mfu_and_report_from_a_tiny_run(tmp_path, tiny_model_dir, train_file, ca
     for r in train_logs:
         assert r["tokens_per_second_per_device"] > 0 and r["peak_memory_gb"] > 0
         assert 0 < r["mfu"] < 1.5, r  # measured CPU peak; a busy machine can make one window look fast
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((Path(result.output_dir) / "runs").iterdir())))
+    events.Reload()
+    assert {"train/mfu", "train/tokens_per_second_per_device", "train/peak_memory_gb"} <= set(events.Tags()["scalars"])
     assert main(["report", result.output_dir, "--out", str(tmp_path / "report")]) == 0
     text = capsys.readouterr().out
     assert "train loss:" in text and "MFU" in text and "dsft_report.png" in text
