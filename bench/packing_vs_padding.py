@@ -1,10 +1,10 @@
 """Packing vs padding on the demo data's length mix: useful (non-pad) tokens/s, and the per-token loss both ways.
 
-    .venv/bin/python bench/packing_vs_padding.py [--pairs 2] [--fraction 0.2] [--layers 4]
+    .venv/bin/python bench/packing_vs_padding.py [--pairs 2] [--fraction 0.2] [--layers 4] [--batch 4]
 
 Data: the two demo datasets `dsft prepare-demo` writes, mixed as chats: HumanEval (prompt -> solution as a
 user/assistant turn, ~230 tokens) and ChatterBot conversations (~60 tokens); a seeded random ``--fraction`` of each
-keeps the mix. The same dsft run config twice, only `data.packing` differs (max_seq_len 512, 4 rows or samples
+keeps the mix. The same dsft run config twice, only `data.packing` differs (max_seq_len 512, ``--batch`` rows or samples
 per micro-batch, LoRA r=16 on all linear layers, fp32, seed 0), one epoch each, so both runs train on exactly the
 same samples and useful tokens; padding is dynamic (to the longest sample of the batch). The model is
 SmolLM2-135M's architecture cut to ``--layers`` layers with random weights, so that an epoch takes minutes on this
@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (REPO, SMOLLM2, alternate, cpu_env, machine, markdown_table, pair_ratios,  # noqa: E402
-                     train_one_process, write_result)
+from harness import (REPO, RESULTS, SMOLLM2, alternate, cpu_env, machine, markdown_table,  # noqa: E402
+                     pair_ratios, train_one_process, write_result)
 
 DEMO_DATA = REPO / ".cache/dsft/data"
 
@@ -45,13 +45,13 @@ def mixed_chats(out: Path, fraction: float, seed: int = 0) -> dict:
     return {"humaneval_rows": len(he), "chatterbot_rows": len(cb)}
 
 
-def run_config(data: Path, out: Path, cache: Path, packing: bool, layers: int) -> dict:
+def run_config(data: Path, out: Path, cache: Path, packing: bool, layers: int, batch: int) -> dict:
     return {"model": {"name_or_path": str(SMOLLM2), "init": "from_config", "dtype": "fp32",
                       "config_overrides": {"num_hidden_layers": layers}},
             "data": {"train": str(data), "format": "messages", "max_seq_len": 512, "packing": packing,
                      "cache_dir": str(cache)},
             "peft": {"lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}},
-            "train": {"output_dir": str(out), "num_train_epochs": 1, "per_device_train_batch_size": 4,
+            "train": {"output_dir": str(out), "num_train_epochs": 1, "per_device_train_batch_size": batch,
                       "learning_rate": 2e-4, "logging_steps": 5, "report_to": "none", "save_strategy": "no",
                       "seed": 0, "bf16": False}}
 
@@ -77,16 +77,17 @@ def token_losses(cfg_dicts: dict[str, dict]) -> dict:
             model = load_model(cfg.model).eval()
         data = prepare_data(cfg.data, tokenizer)
         collate = make_collator(cfg.data, tokenizer.pad_token_id)
+        micro = cfg.train["per_device_train_batch_size"]
         nll = count = pads = 0.0
         with torch.no_grad():
-            for i in range(0, len(data.train), 4):
-                batch = collate([data.train[j] for j in range(i, min(i + 4, len(data.train)))])
+            for i in range(0, len(data.train), micro):
+                batch = collate([data.train[j] for j in range(i, min(i + micro, len(data.train)))])
                 labels = batch.pop("labels")
                 sums = token_loss_sums(model(**batch).logits, labels)
                 nll, count = nll + float(sums[:, 0].sum()), count + float(sums[:, 1].sum())
                 pads += float((batch["attention_mask"] == 0).sum()) if "attention_mask" in batch else float(
                     sum(len(batch["input_ids"][0]) - len(data.train[j]["input_ids"])
-                        for j in range(i, min(i + 4, len(data.train)))))
+                        for j in range(i, min(i + micro, len(data.train)))))
         stats = data.stats["train"]
         out[name] = {"token_nll": nll / count, "loss_tokens": int(count), "useful_tokens": stats.tokens,
                      "samples": stats.rows, "rows": len(data.train), "pad_tokens": int(pads)}
@@ -98,12 +99,13 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--fraction", type=float, default=0.2)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="per_device_train_batch_size: rows (packing) or samples")
     a = p.parse_args()
     info = machine()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         mix = mixed_chats(tmp / "mix.jsonl", a.fraction)
-        cfgs = {mode: run_config(tmp / "mix.jsonl", tmp / mode, tmp / "cache", mode == "packing", a.layers)
+        cfgs = {mode: run_config(tmp / "mix.jsonl", tmp / mode, tmp / "cache", mode == "packing", a.layers, a.batch)
                 for mode in ("packing", "padding")}
         losses = token_losses(cfgs)  # also tokenizes (and caches) both datasets before anything is timed
         print(f"# per-token loss, same weights: {json.dumps(losses)}", file=sys.stderr, flush=True)
@@ -137,10 +139,13 @@ def main() -> None:
           f"{pk_l['token_nll']:.6f}, padded {pd_l['token_nll']:.6f} (relative difference {rel:.1e}, "
           f"{pk_l['loss_tokens']} vs {pd_l['loss_tokens']} loss tokens); load average "
           f"{min(r['loadavg'] for r in runs):.1f}-{max(r['loadavg'] for r in runs):.1f} on {info['cores']} cores")
-    write_result("packing_vs_padding", {"machine": info, "settings": vars(a), "mix": mix, "token_losses": losses,
-                                        "runs": runs, "pair_ratios": ratios,
-                                        "median_ratio": statistics.median(ratios),
-                                        "token_nll_relative_difference": rel})
+    # one entry per micro-batch size: the ratio depends on it (more samples per padded batch, more padding)
+    stored = RESULTS / "packing_vs_padding.json"
+    by_batch = json.loads(stored.read_text()).get("by_micro_batch", {}) if stored.is_file() else {}
+    by_batch[str(a.batch)] = {"machine": info, "settings": vars(a), "mix": mix, "token_losses": losses,
+                              "runs": runs, "pair_ratios": ratios, "median_ratio": statistics.median(ratios),
+                              "token_nll_relative_difference": rel}
+    write_result("packing_vs_padding", {"by_micro_batch": by_batch})
 
 
 if __name__ == "__main__":
