@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--accelerator", help="A100, H100, H200, MI300X or cpu (default: the local device; H100 when "
                     "GPU flags are given on a machine without one)")
     sp.add_argument("--mfu", type=float, help="model FLOPs utilization assumed for the estimate (default 0.4, "
-                    "of the accelerator's peak or of the CPU's measured matmul peak)")
+                    "of the accelerator's peak or of the CPU's measured peak)")
     sp.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     add("reference", cmd_reference, "Print the run-config reference (markdown).")

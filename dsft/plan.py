@@ -47,7 +47,7 @@ ACCELERATORS: dict[str, dict[str, float]] = {
     "MI300X": {"peak_flops": 1307e12, "memory_bytes": 192 * GiB},
 }
 DEFAULT_MFU = 0.40  # what well-tuned fine-tuning reaches on these parts; the estimate scales with it
-# of the best measured matmul rate: dsft's LoRA fine-tune of SmolLM2-135M (fp32, one thread) ran at ~40 % here
+# of the best measured CPU rate: dsft's LoRA fine-tune of SmolLM2-135M (fp32, one thread) ran at 32-42 % of it here
 DEFAULT_MFU_CPU = 0.4
 DEFAULT_HOST_BYTES = 512 * GiB
 GPU_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA/ROCm context + allocator reserve, per process
@@ -678,7 +678,7 @@ def measure_cpu_peak_flops(dtype: str = "fp32", threads: int | None = None) -> f
 
 
 def cpu_peak_flops(dtype: str, threads: int, refresh: bool = True) -> float:
-    """This CPU's matmul peak: the best measurement seen on this machine (kept in
+    """This CPU's linear-layer peak: the best measurement seen on this machine (kept in
     ``$DSFT_CACHE/cpu_peak_flops.json``), after a fresh one unless ``refresh`` is off and one is known. On a shared
     machine one measurement can catch the cores busy; the best seen is the closer to the hardware's peak, which
     keeps MFU from being inflated by a low peak. Training passes refresh=False (no time taken from the run once
@@ -749,25 +749,22 @@ def configured_setup(cfg: RunConfig, ds: dict | None = None) -> Setup:
                  accumulation=int(t.get("gradient_accumulation_steps", 1)), deepspeed=ds is not None)
 
 
-def candidates(base: Setup, world_from: int, world_to: int) -> list[Setup]:
-    """Every setup that keeps the configured global batch (micro x accumulation x world) on the target world."""
-    global_batch = base.micro_batch * base.accumulation * world_from
-    per_device = global_batch / world_to
-    micros = sorted({m for m in range(1, max(1, int(per_device)) + 1)
-                     if per_device == int(per_device) and int(per_device) % m == 0 and (m & (m - 1) == 0
-                                                                                       or m == base.micro_batch)})
-    if not micros:  # the global batch does not divide over the target world: keep the micro-batch, round accum
-        micros = [base.micro_batch]
+def candidates(base: Setup, world: int) -> list[Setup]:
+    """Every setup that keeps the configured batch per device and step (micro-batch x accumulation, so the global
+    batch on ``world`` devices): power-of-two micro-batches dividing it, and the configured one."""
+    per_device = base.micro_batch * base.accumulation
+    micros = sorted({m for m in range(1, per_device + 1)
+                     if per_device % m == 0 and (m & (m - 1) == 0 or m == base.micro_batch)})
     out = []
     variants = [(0, False, False), (1, False, False), (2, False, False), (3, False, False), (2, True, False),
                 (3, True, False), (3, True, True)]
-    if world_to == 1:  # nothing to shard across: only ZeRO-Offload can help one device
+    if world == 1:  # nothing to shard across: only ZeRO-Offload can help one device
         variants = [v for v in variants if v[0] == 0 or v[1]]
     for stage, off_opt, off_par in variants:
         for ac in (False, True):
             for m in micros:
-                accum = max(1, round(per_device / m))
-                out.append(Setup(stage, off_opt, off_par, ac, m, accum, deepspeed=stage > 0 or base.deepspeed))
+                out.append(Setup(stage, off_opt, off_par, ac, m, per_device // m,
+                                 deepspeed=stage > 0 or base.deepspeed))
     return out
 
 
@@ -809,19 +806,15 @@ def _fits(mem: Memory, hw: Hardware) -> bool:
     return mem.peak <= FIT_FRACTION * hw.device_memory_bytes and mem.host["peak"] <= hw.host_memory_bytes
 
 
-def plan(cfg: RunConfig, hw: Hardware, world_from: int | None = None) -> Plan:
+def plan(cfg: RunConfig, hw: Hardware) -> Plan:
     """Memory and speed of the configured setup on ``hw``, and the fastest setup that fits."""
     shape = model_shape(cfg)
     ds = ds_config_of(cfg)
     base = configured_setup(cfg, ds)
-    base_world = world_from or hw.world
-    if base_world != hw.world:  # keep the global batch on the target world
-        per_device = base.micro_batch * base.accumulation * base_world / hw.world
-        base = dataclasses.replace(base, accumulation=max(1, round(per_device / base.micro_batch)))
     mem = memory(cfg, shape, hw, base, ds)
     est = step_estimate(cfg, shape, hw, base)
     best = None
-    for cand in candidates(base, hw.world, hw.world):
+    for cand in candidates(base, hw.world):
         cand_ds = ds if (ds is not None and cand.stage == base.stage and cand.offload_optimizer ==
                          base.offload_optimizer and cand.offload_params == base.offload_params) else None
         m = memory(cfg, shape, hw, cand, cand_ds)
