@@ -40,7 +40,7 @@ def run_template(template: str, tmp: Path, steps: int, seq: int, model: str, dat
     path = tmp / f"{template}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "launch/run_configs.py"), str(path), "--model-states"]
+           str(REPO / "tests/run_configs.py"), str(path), "--model-states"]
     proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)

@@ -85,6 +85,8 @@ def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def preprocess_logits_for_metrics(logits, labels):
     if isinstance(logits, tuple):
         logits = logits[0]
+    if logits.dim() == 2:  # already per-row (NLL sum, tokens): the chunked loss (dsft.loss) built no logits
+        return logits
     return token_loss_sums(logits, labels)
 
 

@@ -3,62 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from collections.abc import Callable
 
 from dsft.errors import DsftError
-
-
-def _quiet_libraries() -> None:
-    # Offline by default: dsft never downloads at run time unless the user opts in.
-    if os.environ.get("DSFT_ALLOW_HUB") != "1":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "bitsandbytes.backends.cpu.ops"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
-def train_entry(config: str, overrides: list[str], callbacks=(), force: bool = False, overwrite: bool = False):
-    """The training entry of `dsft train`, launch/train.py (torchrun, the deepspeed launcher) and every Slurm task
-    (dsft.slurm.job): check the config, train, tear the process group down.
-    Returns (RunResult, whether there was a process group)."""
-    from dsft.config import load_config
-    from dsft.distributed import shutdown
-    from dsft.train import run
-
-    _quiet_libraries()
-    _setup_logging()
-    cfg = load_config(config, overrides)
-    ok = False
-    try:
-        result = run(cfg, callbacks, force=force, overwrite=overwrite)
-        ok = True
-    finally:
-        # after a failure a peer may be gone or elsewhere: no barrier, which would wait for it until the timeout
-        distributed = shutdown(barrier=ok)
-    return result, distributed
+from dsft.run import quiet_libraries, setup_logging, train_and_report
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from dsft.distributed import exit_now
-
-    result, distributed = train_entry(a.config, a.set, force=a.force, overwrite=a.overwrite)
-    if result.eval_metrics:
-        print(f"eval_loss {result.eval_metrics.get('eval_loss'):.4f}  "
-              f"perplexity {result.eval_metrics.get('eval_perplexity', float('nan')):.3f}")
-    print(f"saved to {result.output_dir}")
-    if distributed:
-        exit_now(0)
-    return 0
+    return train_and_report(a.config, a.set, force=a.force, overwrite=a.overwrite)
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
@@ -66,7 +19,10 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
     cfg = load_config(a.config, a.set)  # fails fast, before the heavy imports below
     from dsft.distributed import accelerator_is_cpu
+    from dsft.precision import resolve_auto_dtype
     from dsft.train import build_training_arguments
+
+    cfg = resolve_auto_dtype(cfg)  # print what model.dtype: auto becomes on this machine
 
     # TrainingArguments' own checks and the DeepSpeed linter; no model or data is loaded
     build_training_arguments(cfg, _topology_from_flags(a))
@@ -91,7 +47,9 @@ def cmd_ds_config(a: argparse.Namespace) -> int:
     from dsft.config import load_config
     from dsft.deepspeed import prepare_for_run, resolve_auto
 
-    cfg = load_config(a.config, a.set)
+    from dsft.precision import resolve_auto_dtype
+
+    cfg = resolve_auto_dtype(load_config(a.config, a.set))  # bf16 sections follow model.dtype: auto
     if not cfg.deepspeed:
         raise DsftError(f"{a.config}: no 'deepspeed:' key; set a template name (e.g. zero2) or a JSON path")
     topo = _topology_from_flags(a)
@@ -154,7 +112,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from dsft.config import load_config
     from dsft.plan import format_plan, hardware_from_flags, plan
 
-    cfg = load_config(a.config, a.set)
+    cfg = load_config(a.config, a.set, data_sources=False)  # planning happens before the data is there
     hw = hardware_from_flags(nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu_mem=a.gpu_mem, host_mem=a.host_mem,
                              accelerator=a.accelerator, mfu=a.mfu)
     result = plan(cfg, hw)
@@ -248,70 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    _setup_logging()
+    quiet_libraries()
+    setup_logging()
     try:
         return args.fn(args)
     except DsftError as e:
         print(f"dsft: error: {e}", file=sys.stderr)
         return e.exit_code
-
-
-def launch_main(argv: list[str] | None = None) -> int:
-    """Entry for launchers (torchrun, deepspeed): ``--config X.yaml [--set k=v ...]``.
-
-    The deepspeed launcher appends ``--local_rank=N``; the rank comes from the environment instead.
-    """
-    p = argparse.ArgumentParser(prog="launch/train.py")
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[])
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    flags = [f for f, on in (("--force", a.force), ("--overwrite", a.overwrite)) if on]
-    return main(["train", a.config, *[x for item in a.set for x in ("--set", item)], *flags])
-
-
-def _forget_hpz_group() -> None:
-    # DeepSpeed builds the ZeRO++ hpZ process group once per process and asserts on a second one; each run here
-    # starts a fresh engine over the same ranks, so let it build the group again.
-    try:
-        from deepspeed.utils import groups
-    except ImportError:
-        return
-    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
-
-
-def run_configs_main(argv: list[str] | None = None) -> int:
-    """Entry for tests and benchmarks (``launch/run_configs.py``): train several configs in one process group."""
-    p = argparse.ArgumentParser(prog="launch/run_configs.py")
-    p.add_argument("configs", nargs="+")
-    p.add_argument("--model-states", action="store_true", help="write held model-state bytes per rank")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    _quiet_libraries()
-    _setup_logging()
-    from dsft.config import load_config
-    from dsft.distributed import exit_now, shutdown
-    from dsft.train import run
-
-    try:
-        cfgs = [load_config(path) for path in a.configs]  # all checked before the first run starts
-        for cfg in cfgs:
-            _forget_hpz_group()
-            callbacks = []
-            if a.model_states:
-                from dsft.memory import ModelStateBytesCallback
-
-                callbacks.append(ModelStateBytesCallback())
-            run(cfg, callbacks)
-    except DsftError as e:
-        print(f"dsft: error: {e}", file=sys.stderr)
-        return e.exit_code
-    if shutdown():
-        exit_now(0)
-    return 0
 
 
 if __name__ == "__main__":

@@ -42,7 +42,11 @@ class ModelConfig:
     init: Literal["pretrained", "from_config"] = _f(
         "pretrained", "pretrained: load weights. from_config: random weights from the config (tests, benchmarks)."
     )
-    dtype: Literal["bf16", "fp32"] = _f("bf16", "Dtype the weights are loaded in.")
+    dtype: Literal["bf16", "fp32", "auto"] = _f(
+        "bf16", "Dtype the weights are loaded in. auto: bf16 where the device computes bf16 natively (a GPU with "
+        "bf16, a CPU with AVX512-BF16 or AMX), else fp32 -- the faster of the two there; decided by the training "
+        "process and written into the resolved config, with train.bf16 to match unless train.bf16/fp16 is set.",
+    )
     config_overrides: dict = _f(help="Model config fields to override, e.g. {num_hidden_layers: 2}.", factory=dict)
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] = _f(
         "sdpa", "Attention kernel; flash_attention_* need a GPU and the flash-attn package."
@@ -55,28 +59,124 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) to pin.")
 
 
+DATA_FORMATS = ("text", "prompt_completion", "messages", "sharegpt", "alpaca", "preference")
+DataFormat = Literal["text", "prompt_completion", "messages", "sharegpt", "alpaca", "preference"]
+# The per-row format settings; each can be set in the data section (all sources) or per source (data.train[i]).
+_FORMAT_HELP = {
+    "format": "text: {text}. prompt_completion: {prompt, completion}. messages: {messages: [{role, content}]}. "
+              "sharegpt: {conversations: [{from, value}]} (roles human/gpt/system/tool). alpaca: {instruction, "
+              "input, output, system?} as a system/user/assistant chat. messages, sharegpt and alpaca are rendered "
+              "with the tokenizer's chat template; loss on assistant turns only unless train_on_prompt.",
+    "text_field": "text: column holding the text.",
+    "prompt_field": "prompt_completion: column holding the prompt.",
+    "completion_field": "prompt_completion: column holding the completion.",
+    "instruction_field": "alpaca: column holding the instruction (the user turn).",
+    "input_field": "alpaca: column holding the optional input (appended to the instruction after a blank line).",
+    "output_field": "alpaca: column holding the answer (the assistant turn).",
+    "system_field": "alpaca: column holding the optional system prompt (absent or empty: no system turn).",
+    "messages_field": "messages / sharegpt: column holding the list of turns. Default: messages for messages, "
+                      "conversations for sharegpt.",
+    "role_key": "messages / sharegpt: key of a turn's role. Default: role for messages, from for sharegpt.",
+    "content_key": "messages / sharegpt: key of a turn's text. Default: content for messages, value for sharegpt.",
+    "chosen_field": "preference (method dpo): column holding the preferred answer (text, or a list of messages).",
+    "rejected_field": "preference (method dpo): column holding the dispreferred answer (text, or a list of messages).",
+    "label_field": "preference (method kto): column holding true (desirable) / false (undesirable) for the "
+                   "completion in completion_field.",
+    "roles": "messages / sharegpt: the file's role names -> system, user, assistant or tool, merged over the "
+             "format's own map (sharegpt: human->user, gpt->assistant, system, tool; both formats also accept "
+             "the four standard names), e.g. {observation: tool, function_call: assistant}.",
+}
+
+
+@dataclass
+class DataSource:
+    """One dataset of data.train / data.eval given as a mapping, e.g. {path: code.jsonl, format: sharegpt,
+    weight: 0.7}. At most one of weight / samples / fraction (none: every row once). Format keys left out take
+    the data section's value."""
+
+    path: str = _f("", "jsonl/json/parquet/csv file, a save_to_disk dir or a hub dataset name. Relative paths "
+                       "resolve from the current directory.")
+    name: str | None = _f(
+        None, "Name in the composition log and, for eval sources, in the metrics (eval_<name>_loss); letters, "
+        "digits, _ and -. Default: the file name without its suffix.",
+    )
+    weight: float | None = _f(
+        None, "Share of the mixture, relative to the other weighted sources (normalised to sum 1). The mixture "
+        "is as large as it can be without repeating a row: total = min over weighted sources without replace of "
+        "rows_i / w_i, and each weighted source gives round(total x w_i) rows (the limiting source all of its "
+        "rows, the others a random subset). A source with replace: true may be repeated to meet its share.",
+    )
+    samples: int | None = _f(
+        None, "Exactly this many rows, drawn at random; more than the source has is an error unless replace: true.",
+    )
+    fraction: float | None = _f(None, "This share (0 < x <= 1) of the source's rows, drawn at random.")
+    replace: bool = _f(
+        False, "samples / weight: allow more rows than the source has; each row is then repeated n // rows "
+        "times and a random n % rows of them once more (the fewest duplicates).",
+    )
+    format: DataFormat | None = _f(None, "Row format of this source; default: data.format. " + _FORMAT_HELP["format"])
+    text_field: str | None = _f(None, _FORMAT_HELP["text_field"] + " Default: data.text_field.")
+    prompt_field: str | None = _f(None, _FORMAT_HELP["prompt_field"] + " Default: data.prompt_field.")
+    completion_field: str | None = _f(None, _FORMAT_HELP["completion_field"] + " Default: data.completion_field.")
+    instruction_field: str | None = _f(None, _FORMAT_HELP["instruction_field"] + " Default: data.instruction_field.")
+    input_field: str | None = _f(None, _FORMAT_HELP["input_field"] + " Default: data.input_field.")
+    output_field: str | None = _f(None, _FORMAT_HELP["output_field"] + " Default: data.output_field.")
+    system_field: str | None = _f(None, _FORMAT_HELP["system_field"] + " Default: data.system_field.")
+    messages_field: str | None = _f(None, _FORMAT_HELP["messages_field"] + " Default: data.messages_field.")
+    role_key: str | None = _f(None, _FORMAT_HELP["role_key"] + " Default: data.role_key.")
+    content_key: str | None = _f(None, _FORMAT_HELP["content_key"] + " Default: data.content_key.")
+    roles: dict | None = _f(None, _FORMAT_HELP["roles"] + " Default: data.roles.")
+    chosen_field: str | None = _f(None, _FORMAT_HELP["chosen_field"] + " Default: data.chosen_field.")
+    rejected_field: str | None = _f(None, _FORMAT_HELP["rejected_field"] + " Default: data.rejected_field.")
+    label_field: str | None = _f(None, _FORMAT_HELP["label_field"] + " Default: data.label_field.")
+
+
 @dataclass
 class DataConfig:
     """Where the samples come from and how they become token rows."""
 
-    train: str | list[str] = _f("", "jsonl/json/parquet/csv file(s), a save_to_disk dir, or a hub dataset name.")
-    eval: str | list[str] | None = _f(None, "Eval data, same forms as train. Or use eval_fraction.")
-    eval_fraction: float = _f(0.0, "Hold out this share of train for eval (0 < x < 1) when eval is not given.")
-    format: Literal["text", "prompt_completion", "messages"] = _f(
-        "messages",
-        "text: {text}. prompt_completion: {prompt, completion} (alpaca instruction/input/output maps here). "
-        "messages: {messages: [{role, content}]} rendered with the tokenizer's chat template.",
+    train: str | DataSource | list[str | DataSource] = _f(
+        "", "A jsonl/json/parquet/csv file, a save_to_disk dir or a hub dataset name; or a list of them (a "
+        "mixture) whose entries are such a path (every row once) or a mapping {path, name, format, weight | "
+        "samples | fraction, replace, field/role keys} (see the data.train[] entry). Relative paths resolve from "
+        "the current directory. Selection is deterministic given data.seed.",
     )
+    eval: str | DataSource | list[str | DataSource] | None = _f(
+        None, "Eval data, same forms as train. When its entries have names, each is evaluated on its own and "
+        "reported as eval_<name>_loss (then every entry needs a name). Or use eval_fraction.",
+    )
+    eval_fraction: float = _f(
+        0.0, "Hold out this share (0 < x < 1) of each train source for eval when eval is not given; the rest is "
+        "what the mixture selects from.",
+    )
+    format: DataFormat = _f("messages", _FORMAT_HELP["format"] + " Rows of format prompt_completion without the "
+                            "prompt column but with alpaca's instruction and output are read as plain text "
+                            "instruction + input -> output (as before format: alpaca existed).")
     max_seq_len: int | None = _f(1024, "Tokens per sample (and per packed row); longer samples are truncated.")
     packing: bool = _f(False, "Pack several samples per row; position_ids restart per sample, no cross-attention.")
     train_on_prompt: bool = _f(False, "Also train on prompt / user / system tokens (default: completion only).")
     add_eos: bool = _f(True, "Append the tokenizer's EOS to text and prompt_completion samples.")
-    text_field: str = _f("text", "Column holding text for format: text.")
-    prompt_field: str = _f("prompt", "Column holding the prompt for format: prompt_completion.")
-    completion_field: str = _f("completion", "Column holding the completion for format: prompt_completion.")
-    messages_field: str = _f("messages", "Column holding the chat for format: messages.")
+    text_field: str = _f("text", _FORMAT_HELP["text_field"])
+    prompt_field: str = _f("prompt", _FORMAT_HELP["prompt_field"])
+    completion_field: str = _f("completion", _FORMAT_HELP["completion_field"])
+    instruction_field: str = _f("instruction", _FORMAT_HELP["instruction_field"])
+    input_field: str = _f("input", _FORMAT_HELP["input_field"])
+    output_field: str = _f("output", _FORMAT_HELP["output_field"])
+    system_field: str = _f("system", _FORMAT_HELP["system_field"])
+    messages_field: str | None = _f(None, _FORMAT_HELP["messages_field"])
+    role_key: str | None = _f(None, _FORMAT_HELP["role_key"])
+    content_key: str | None = _f(None, _FORMAT_HELP["content_key"])
+    roles: dict = _f(help=_FORMAT_HELP["roles"], factory=dict)
+    chosen_field: str = _f("chosen", _FORMAT_HELP["chosen_field"])
+    rejected_field: str = _f("rejected", _FORMAT_HELP["rejected_field"])
+    label_field: str = _f("label", _FORMAT_HELP["label_field"])
     cache_dir: str | None = _f(None, "Where tokenized datasets are cached (default: $DSFT_CACHE or ~/.cache/dsft).")
-    seed: int = _f(42, "Seed for the eval_fraction split.")
+    num_proc: int | None = _f(
+        None, "Worker processes that tokenize (and pack) the data, on the local rank 0 of each node. Default: "
+        "the cores available to the process. Sources under 1,000 rows per worker use fewer. Does not change "
+        "the tokenized data (not part of the cache key).",
+    )
+    seed: int = _f(42, "Seed for the eval_fraction split and the mixture's random selection.")
 
 
 @dataclass
@@ -95,7 +195,7 @@ class LoraConfig:
 
 @dataclass
 class QuantizationConfig:
-    """Load the frozen base weights quantized with bitsandbytes (QLoRA). Absent section: no quantization."""
+    """Frozen base weights quantized with bitsandbytes (QLoRA); absent: none. Short form: `4bit` / `8bit`."""
 
     bits: Literal[4, 8] = _f(4, "4: QLoRA (Linear4bit, packed weights). 8: LLM.int8 (Linear8bitLt); not with ZeRO-3.")
     quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type: nf4 (NormalFloat, the QLoRA default) or fp4.")
@@ -114,7 +214,10 @@ class PeftConfig:
     """Parameter-efficient fine-tuning. Absent section: full fine-tune."""
 
     lora: LoraConfig = _f(help="LoRA settings.", factory=LoraConfig)
-    quantization: QuantizationConfig | None = _f(None, "Quantized base weights (QLoRA); absent: none.")
+    quantization: QuantizationConfig | None = _f(
+        None, "Quantized base weights (QLoRA); absent: none. Short form: `quantization: 4bit` (= {bits: 4}) or "
+        "`8bit` (= {bits: 8}).",
+    )
     lr_ratio: float = _f(
         1.0, "Learning-rate multiplier for LoRA B matrices and fully trained new modules (LoRA+ style)."
     )
@@ -137,6 +240,24 @@ class GuardConfig:
         3, "Stop after this many consecutive optimizer steps with a non-finite loss (any rank) or gradient norm; "
         "no checkpoint is written for such a step, and output_dir/dsft_nonfinite.json gets the recent steps. "
         "0 turns the guard off. Under fp16 only the loss counts (the loss scaler skips overflowing steps).",
+    )
+
+
+@dataclass
+class LossConfig:
+    """How the training and evaluation loss is computed from the model's final hidden states."""
+
+    impl: Literal["chunked", "stock", "liger"] = _f(
+        "chunked", "chunked: cross-entropy over chunk_tokens tokens at a time, each chunk's logits recomputed in "
+        "backward, so the full tokens x vocab logits never exist (same loss; gradients within fp32 rounding); "
+        "eval keeps per-row loss sums instead of logits. Models whose logits are not lm_head(hidden) alone "
+        "(softcapping, logit scaling) keep their own loss, with a warning. Not with train.label_smoothing_factor. "
+        "stock: the model's own loss (full logits). liger: Liger's fused linear cross-entropy "
+        "(train.use_liger_kernel); needs the liger-kernel package and a CUDA GPU.",
+    )
+    chunk_tokens: int = _f(
+        1024, "chunked: tokens per chunk; the largest transient is chunk_tokens x vocab fp32 logits (twice in "
+        "backward). Smaller saves memory, larger does fewer, bigger matmuls.",
     )
 
 
@@ -191,6 +312,12 @@ class RunConfig:
     )
     deepspeed_overrides: dict = _f(help="Values merged (deeply) into the DeepSpeed config.", factory=dict)
     guard: GuardConfig = _f(help="Non-finite loss / gradient guard.", factory=GuardConfig)
+    loss: LossConfig = _f(help="Loss computation (chunked cross-entropy by default).", factory=LossConfig)
+    method: Literal["sft", "dpo", "kto"] = _f(
+        "sft", "sft: supervised fine-tuning (transformers' Trainer). dpo / kto: preference tuning with TRL's "
+        "DPOTrainer / KTOTrainer (pip install 'dsft[preference]'); data.format must then be preference and train "
+        "passes through the fields of TRL's DPOConfig / KTOConfig (docs/preference.md).",
+    )
     slurm: SlurmConfig | None = _f(None, "Slurm resources and requeue policy (dsft submit / sweep / sbatch); "
                                   "absent: the defaults.")
 
@@ -202,14 +329,96 @@ class RunConfig:
 # loading
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override, type-check and validate a run config. Loads no model or data."""
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, data_sources: bool = True) -> RunConfig:
+    """Read, override, type-check and validate a run config. Loads no model or data.
+
+    ``data_sources=False`` (dsft plan): the data files are neither checked nor opened; planning happens before
+    the data is on the cluster and reads only max_seq_len, packing and the batch settings."""
     raw = read_yaml(path)
     for item in overrides or []:
         apply_override(raw, item)
     cfg = from_dict(raw)
-    validate(cfg)
+    validate(cfg, data_sources=data_sources)
     return cfg
+
+
+# Values a config may expand to through YAML aliases (*name). A real config has a few hundred; an alias bomb
+# (9 nested levels of 9 aliases: 387M values) parses in microseconds, because PyYAML shares aliased objects, and
+# then blows up in whatever copies or walks it (dataclasses.asdict, deep_merge, JSON): 6 GB and minutes. The check
+# runs on PyYAML's node graph, before any Python object is built. A budget rather than no aliases at all: anchors
+# are a normal way to share a list between sections, and yaml.safe_dump writes them for shared objects.
+YAML_NODE_BUDGET = 100_000
+
+
+class _YamlBudgetError(Exception):
+    def __init__(self, message: str, mark: Any) -> None:
+        super().__init__(message)
+        self.mark = mark
+
+
+class _BudgetLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a document whose aliases expand it beyond YAML_NODE_BUDGET nodes."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._aliases: list[tuple[str, Any, Any]] = []  # (anchor, mark of the alias, node it names)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        alias = self.peek_event() if self.check_event(yaml.AliasEvent) else None
+        node = super().compose_node(parent, index)
+        if alias is not None:
+            self._aliases.append((alias.anchor, alias.start_mark, node))
+        return node
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        if self._aliases:
+            self._check_expansion(node)
+        return node
+
+    def _check_expansion(self, root: Any) -> None:
+        sizes: dict[int, int] = {}  # id(node) -> expanded size, capped just above the budget
+        open_nodes: set[int] = set()
+        cap = YAML_NODE_BUDGET + 1
+
+        def size(node: Any) -> int:
+            key = id(node)
+            if key in sizes:
+                return sizes[key]
+            if key in open_nodes:  # an anchor that contains an alias to itself: an endless expansion
+                return cap
+            open_nodes.add(key)
+            total = 1
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            else:
+                children = []
+            for child in children:
+                total = min(cap, total + size(child))
+                if total >= cap:
+                    break
+            open_nodes.discard(key)
+            sizes[key] = total
+            return total
+
+        if size(root) < cap:
+            return
+        # name the first alias that expands most (in a bomb: the first level past the budget)
+        anchor, mark, node = max(self._aliases, key=lambda a: size(a[2]))
+        raise _YamlBudgetError(
+            f"YAML alias *{anchor} makes the config expand to more than {YAML_NODE_BUDGET:,} values (nested "
+            "aliases, an alias bomb?); write the values out or use fewer nested aliases", mark)
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """yaml.safe_load with the alias budget; ``source`` names the file (or --set item) in the error."""
+    try:
+        return yaml.load(text, Loader=_BudgetLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _YamlBudgetError as e:
+        where = f" line {e.mark.line + 1}:" if e.mark is not None else ""
+        raise ConfigError(f"{source}:{where} {e}") from None
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -217,7 +426,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml_text(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -238,7 +447,7 @@ def apply_override(raw: dict, item: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.learning_rate=1e-4")
     try:
-        parsed = yaml.safe_load(value) if value else ""
+        parsed = load_yaml_text(value, f"--set {key}") if value else ""
     except yaml.YAMLError:
         parsed = value
     node = raw
@@ -299,6 +508,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        # A mapping can only be the dataclass, a list only the list type: their own errors name the bad key.
+        for arg in args:
+            if (isinstance(value, dict) and dataclasses.is_dataclass(arg)) or (
+                    isinstance(value, list) and typing.get_origin(arg) is list):
+                return _coerce(value, arg, key)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -317,6 +531,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
+        if tp is QuantizationConfig and value is not None and not isinstance(value, dict):
+            value = _quantization_short_form(value, key)
         return _build(tp, {} if value is None else value, key)
     if origin is list:
         if isinstance(value, str):  # a single item is accepted where a list is expected
@@ -344,6 +560,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _quantization_short_form(value: Any, key: str) -> dict:
+    # `4bit` / `8bit` (peers spell it load_in_4bit / quantization_bit: 4). No `true`: it would hide which of two
+    # different methods runs (NF4 QLoRA vs LLM.int8, which differ in memory and are not both allowed under ZeRO-3).
+    text = str(value).strip().lower().replace("-", "").replace("_", "") if not isinstance(value, bool) else ""
+    bits = {"4bit": 4, "8bit": 8, "4": 4, "8": 8}.get(text)
+    if bits is None:
+        raise ConfigError(f"{key}: expected 4bit, 8bit or a mapping such as {{bits: 4, quant_type: nf4}}; "
+                          f"got {value!r}")
+    return {"bits": bits}
 
 
 def _as_float(value: Any, key: str) -> float:
@@ -384,14 +611,15 @@ REMOVED_TRAINING_ARGUMENTS = {
 }
 
 
-def _check_train_section(train: dict) -> None:
-    fields = training_argument_fields()
+def _check_train_section(train: dict, fields: dict | None = None, what: str = "TrainingArguments") -> None:
+    # fields / what: a TrainingArguments subclass's fields instead (TRL's DPOConfig / KTOConfig for method dpo / kto)
+    fields = fields or training_argument_fields()
     for key, value in train.items():
         if key in REMOVED_TRAINING_ARGUMENTS and key not in fields:
             raise ConfigError(f"train.{key}: not a TrainingArguments field in this transformers version: "
                               f"{REMOVED_TRAINING_ARGUMENTS[key]}")
         if key not in fields:
-            raise ConfigError(_unknown_key_message(str(key), list(fields), "train") + " (TrainingArguments field)")
+            raise ConfigError(_unknown_key_message(str(key), list(fields), "train") + f" ({what} field)")
         annotation = fields[key].type
         if value is False and "Strategy" in str(annotation):
             # YAML 1.1 reads a bare `no` as false; the *_strategy fields mean the string "no".
@@ -419,10 +647,20 @@ def is_local_path(spec: str) -> bool:
     )
 
 
-def validate(cfg: RunConfig) -> None:
-    """All cross-field checks; each error names the key and says how to fix it."""
+def validate(cfg: RunConfig, data_sources: bool = True) -> None:
+    """All cross-field checks; each error names the key and says how to fix it. ``data_sources=False`` skips the
+    checks of data.train / data.eval (presence, paths, mixtures) for commands that never read the data."""
     m, d, t = cfg.model, cfg.data, cfg.train
-    _check_train_section(t)
+    if cfg.method == "sft":
+        _check_train_section(t)
+        if d.format == "preference":
+            raise ConfigError("data.format: preference pairs train with method: dpo (or kto for labelled "
+                              "completions); set the top-level method key, or use an SFT format")
+    else:  # train keys against TRL's DPOConfig / KTOConfig, the data section's preference settings
+        from dsft.preference_checks import check_preference_config, method_fields
+
+        _check_train_section(t, *method_fields(cfg.method))
+        check_preference_config(cfg)
     if not m.name_or_path:
         raise ConfigError("model.name_or_path: required; set a local model dir or a hub id")
     if m.init == "pretrained" and is_local_path(m.name_or_path) and not Path(m.name_or_path).expanduser().exists():
@@ -430,13 +668,14 @@ def validate(cfg: RunConfig) -> None:
     for bad in ("torch_dtype", "dtype", "attn_implementation"):
         if bad in m.config_overrides:
             raise ConfigError(f"model.config_overrides.{bad}: set model.{'dtype' if 'dtype' in bad else bad} instead")
-    if not d.train:
+    if d.num_proc is not None and d.num_proc < 1:
+        raise ConfigError(f"data.num_proc: must be at least 1, got {d.num_proc} (leave it unset for the cores available)")
+    if data_sources and not d.train:
         raise ConfigError("data.train: required; set a data file, a save_to_disk dir or a hub dataset name")
-    for key in ("train", "eval"):
-        specs = getattr(d, key)
-        for spec in [specs] if isinstance(specs, str) else specs or []:
-            if is_local_path(spec) and not Path(spec).expanduser().exists():
-                raise ConfigError(f"data.{key}: file not found: {spec}")
+    from dsft.data_formats import check_data_sources
+
+    if data_sources:
+        check_data_sources(cfg)  # every source: path exists, one selection key, valid weights, names, role maps
     if d.eval and d.eval_fraction:
         raise ConfigError("data.eval and data.eval_fraction are both set; keep one")
     if not 0.0 <= d.eval_fraction < 1.0:
@@ -459,6 +698,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.bf16 and train.fp16 are both true; keep one")
     if m.dtype == "bf16" and t.get("fp16"):
         raise ConfigError("train.fp16 with model.dtype=bf16: fp16 mixed precision needs fp32 weights; use train.bf16")
+    if m.dtype == "auto" and t.get("fp16"):
+        raise ConfigError("train.fp16 with model.dtype=auto: auto may pick bf16 weights, which fp16 mixed precision "
+                          "cannot train; set model.dtype: fp32")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if key in t and (not isinstance(t[key], int) or t[key] < 1):
             raise ConfigError(f"train.{key}: must be a positive integer, got {t[key]!r}")
@@ -486,9 +728,8 @@ def validate(cfg: RunConfig) -> None:
 
             validate_quantization(cfg)
     if cfg.slurm is not None:
-        from dsft.slurm.resources import check_slurm_config
-
         check_slurm_config(cfg.slurm)
+    _check_loss_section(cfg)
     if cfg.guard.max_nonfinite_steps < 0:
         raise ConfigError(f"guard.max_nonfinite_steps: must be 0 (off) or more, got {cfg.guard.max_nonfinite_steps}")
     es = cfg.early_stopping
@@ -502,6 +743,52 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"early_stopping: train.save_strategy={save_strategy} must match train.eval_strategy={eval_strategy}"
             )
+
+
+# Slurm starts the end-of-job signal this long before the time limit at the earliest; below one minute between
+# job start and signal, the signal can arrive before submitit has installed its handler (seen on these machines).
+MIN_RUN_BEFORE_SIGNAL_S = 60
+
+
+def check_slurm_config(s: SlurmConfig) -> None:
+    """Checks of the ``slurm:`` section. Here rather than in dsft.slurm so that the config layer, which
+    dsft.slurm builds on, imports nothing from it (dsft.slurm.resources.with_overrides calls this too)."""
+    for key in ("nodes", "time_min", "array_parallelism"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"slurm.{key}: must be at least 1, got {getattr(s, key)}")
+    for key in ("gpus_per_node", "signal_delay_s", "max_num_timeout", "max_requeues"):
+        if getattr(s, key) < 0:
+            raise ConfigError(f"slurm.{key}: must be 0 or more, got {getattr(s, key)}")
+    for key in ("tasks_per_node", "cpus_per_task"):
+        if getattr(s, key) is not None and getattr(s, key) < 1:
+            raise ConfigError(f"slurm.{key}: must be at least 1, got {getattr(s, key)}")
+    if s.gpus_per_node and s.tasks_per_node is not None and s.tasks_per_node != s.gpus_per_node:
+        raise ConfigError(f"slurm.tasks_per_node: {s.tasks_per_node} ranks for {s.gpus_per_node} GPUs per node; dsft "
+                          "runs one rank per device (leave tasks_per_node unset, or make them equal)")
+    if s.time_min * 60 - s.signal_delay_s < MIN_RUN_BEFORE_SIGNAL_S:
+        raise ConfigError(f"slurm.signal_delay_s: {s.signal_delay_s} s before a {s.time_min} min time limit leaves "
+                          f"less than {MIN_RUN_BEFORE_SIGNAL_S} s before the signal; raise slurm.time_min or lower it")
+    for key in ("partition", "account", "qos", "constraint", "job_name", "job_dir", "mem"):
+        value = getattr(s, key)
+        if isinstance(value, str) and (not value.strip() or "\n" in value):
+            raise ConfigError(f"slurm.{key}: must be a non-empty single line, got {value!r}")
+
+
+def _check_loss_section(cfg: RunConfig) -> None:
+    lo, t = cfg.loss, cfg.train
+    if lo.chunk_tokens < 1:
+        raise ConfigError(f"loss.chunk_tokens: must be a positive number of tokens, got {lo.chunk_tokens}")
+    # the chunked loss replaces the SFT loss only; DPO/KTO (method) compute TRL's own losses from logits
+    if lo.impl == "chunked" and t.get("label_smoothing_factor") and getattr(cfg, "method", "sft") == "sft":
+        raise ConfigError("train.label_smoothing_factor: the Trainer's label smoother needs the full logits, which "
+                          "loss.impl: chunked never builds; set loss.impl: stock to use label smoothing")
+    if t.get("use_liger_kernel") and lo.impl != "liger":
+        raise ConfigError(f"train.use_liger_kernel: conflicts with loss.impl: {lo.impl}; set loss.impl: liger "
+                          "instead (it turns use_liger_kernel on)")
+    if lo.impl == "liger":
+        from dsft.loss import check_loss_impl
+
+        check_loss_impl(lo.impl)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,6 +812,8 @@ def training_arguments_kwargs(cfg: RunConfig, use_cpu: bool) -> dict:
     # once: torchrun stops the others). transformers' 1800 s is half an hour of a stuck job.
     t.setdefault("ddp_timeout", DEFAULT_DDP_TIMEOUT_S)
     t.setdefault("save_only_model", False)
+    if cfg.loss.impl == "liger":  # transformers applies Liger's kernels (fused linear cross-entropy) to the model
+        t["use_liger_kernel"] = True
     # dsft's collators need the tokenized columns that the model signature does not name.
     t["remove_unused_columns"] = False
     if cfg.early_stopping is not None:
@@ -562,8 +851,10 @@ def dump_yaml(data: dict) -> str:
 
 
 def reference_markdown() -> str:
-    """The config reference, generated from the dataclasses' help texts."""
-    lines = []
+    """The config reference, generated from the dataclasses' help texts (docs/reference.md is this text)."""
+    lines = ["## Config reference\n\nGenerated by `dsft reference` from dsft's config dataclasses; regenerate with "
+             "`.venv/bin/dsft reference > docs/reference.md`. How a config is read: "
+             "[configuration](configuration.md).\n"]
 
     def section(cls: type, name: str) -> None:
         lines.append(f"### `{name}`\n\n{(cls.__doc__ or '').strip()}\n")
@@ -586,12 +877,13 @@ def reference_markdown() -> str:
             section(tp, sub)
 
     for name, cls in (("model", ModelConfig), ("data", DataConfig), ("peft", PeftConfig),
-                      ("early_stopping", EarlyStoppingConfig), ("guard", GuardConfig)):
+                      ("early_stopping", EarlyStoppingConfig), ("guard", GuardConfig), ("loss", LossConfig)):
         section(cls, name)
+    section(DataSource, "data.train[] / data.eval[] entry")
     section(SlurmConfig, "slurm")
     lines.append("### top level\n\n| key | meaning |\n|---|---|")
     for f in dataclasses.fields(RunConfig):
-        if f.name in ("deepspeed", "deepspeed_overrides"):
+        if f.name in ("method", "deepspeed", "deepspeed_overrides"):
             lines.append(f"| `{f.name}` | {f.metadata.get('help', '')} |")
     lines.append("")
     lines.append("### `train`\n\nAny `transformers.TrainingArguments` field, passed through unchanged. dsft fills "

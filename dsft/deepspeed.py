@@ -1,8 +1,8 @@
 """DeepSpeed configs: templates, loading, "auto" resolution, linting and model-state memory.
 
-The templates live in the repo's ``ds_configs/`` directory (see its README). ``TEMPLATES_DIR`` points there
-relative to this package, so it works from a source checkout or an editable install; a non-editable install does
-not ship the JSON files, so set ``$DSFT_DS_CONFIGS`` to a copy of ``ds_configs/`` (or give a JSON path).
+The templates live in the repo's ``ds_configs/`` directory (see its README) and ship in the package as
+``dsft.templates.ds_configs``; ``TEMPLATES_DIR`` is that installed directory (the repo folder itself under an
+editable install), or ``$DSFT_DS_CONFIGS`` when set (a user's own copy).
 
 Nothing here imports deepspeed at module import time; ``resolve_auto`` only needs transformers + accelerate and the
 installed deepspeed's metadata (transformers checks its version), not the deepspeed module itself.
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from dsft import templates
 from dsft.errors import ConfigError
 
 if TYPE_CHECKING:
     from dsft.config import RunConfig
 
-_REPO_TEMPLATES = Path(__file__).resolve().parents[1] / "ds_configs"
-TEMPLATES_DIR = Path(os.environ["DSFT_DS_CONFIGS"]) if os.environ.get("DSFT_DS_CONFIGS") else _REPO_TEMPLATES
+TEMPLATES_DIR = templates.directory("ds_configs")
 
 AUTO = "auto"
 # Keys the HF Trainer integration fills from TrainingArguments / the model config when they say "auto"

@@ -19,19 +19,56 @@ class Topology:
     local_rank: int = 0
     world_size: int = 1
     local_world_size: int = 1
+    node_rank: int = 0
 
     @property
     def num_nodes(self) -> int:
         return max(1, self.world_size // max(1, self.local_world_size))
 
 
+# Where the node rank comes from, first found wins: torchrun's GROUP_RANK (its node's rank in the rendezvous, the
+# one RANK is counted from), NODE_RANK (set by other launchers and by hand), the deepspeed launcher's CROSS_RANK
+# (its --node_rank), Slurm's SLURM_NODEID (srun / submitit, one Slurm task per rank). Never the host name: several
+# nodes can share one (several slurmd on one host, containers), and a name says nothing about the order.
+NODE_RANK_VARS = ("GROUP_RANK", "NODE_RANK", "CROSS_RANK", "SLURM_NODEID")
+
+
 def topology(environ: dict | None = None) -> Topology:
     env = os.environ if environ is None else environ
     world = int(env.get("WORLD_SIZE", 1))
     # torchrun sets LOCAL_WORLD_SIZE; the deepspeed launcher sets LOCAL_SIZE (its CPU device count)
-    local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
-    return Topology(rank=int(env.get("RANK", 0)), local_rank=int(env.get("LOCAL_RANK", 0)),
-                    world_size=world, local_world_size=max(1, min(local_world, world)))
+    local_world = max(1, min(int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world))), world))
+    rank = int(env.get("RANK", 0))
+    found = next((env[k] for k in NODE_RANK_VARS if str(env.get(k, "")).strip() != ""), None)
+    # no launcher said: ranks are laid out node by node (as torchrun and the deepspeed launcher count them)
+    node_rank = int(found) if found is not None else rank // local_world
+    return Topology(rank=rank, local_rank=int(env.get("LOCAL_RANK", 0)), world_size=world,
+                    local_world_size=local_world, node_rank=node_rank)
+
+
+def node_layout_problems(ranks: list[dict], hpz_partition_size: int | None = None) -> list[str]:
+    """What is wrong with the layout all ranks reported (each a dict with rank, node_rank, local_rank,
+    ranks_per_node): every node must hold ranks_per_node ranks with local ranks 0..n-1, and a ZeRO++ hpZ
+    partition (> 1) must equal the ranks per node, else its secondary partition spans nodes (or leaves some
+    of a node's ranks out). Empty when all is well."""
+    problems = []
+    by_node: dict[int, list[dict]] = {}
+    for r in ranks:
+        by_node.setdefault(int(r["node_rank"]), []).append(r)
+    per_node = {int(r["ranks_per_node"]) for r in ranks}
+    if len(per_node) != 1:
+        problems.append(f"ranks disagree on the ranks per node: {sorted(per_node)}")
+    expected = max(per_node) if per_node else 1
+    for node, members in sorted(by_node.items()):
+        local = sorted(int(r["local_rank"]) for r in members)
+        if local != list(range(expected)):
+            problems.append(f"node {node} holds ranks {sorted(int(r['rank']) for r in members)} with local ranks "
+                            f"{local}, expected local ranks 0..{expected - 1}")
+    if sorted(by_node) != list(range(len(by_node))):
+        problems.append(f"node ranks {sorted(by_node)} are not 0..{len(by_node) - 1}")
+    if hpz_partition_size is not None and hpz_partition_size > 1 and hpz_partition_size != expected:
+        problems.append(f"zero_hpz_partition_size {hpz_partition_size} != {expected} ranks per node")
+    return problems
 
 
 def export_local_world_size(environ: dict | None = None) -> None:
@@ -120,3 +157,38 @@ def exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def world_views(args, accelerator=None, environ: dict | None = None) -> dict[str, tuple[int, int]]:
+    """(process index, process count) as each layer of the stack sees it: the launcher's environment, the
+    TrainingArguments, accelerate, torch.distributed and DeepSpeed's comm (the last two only when started)."""
+    import sys
+
+    topo = topology(environ)
+    views = {"launcher environment (RANK, WORLD_SIZE)": (topo.rank, topo.world_size),
+             "TrainingArguments": (args.process_index, args.world_size)}
+    if accelerator is not None:
+        views["accelerate"] = (accelerator.process_index, accelerator.num_processes)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        views["torch.distributed"] = (torch.distributed.get_rank(), torch.distributed.get_world_size())
+    ds_comm = sys.modules.get("deepspeed.comm")  # only if DeepSpeed is in use: importing it costs seconds
+    if ds_comm is not None and ds_comm.is_initialized():
+        views["DeepSpeed"] = (ds_comm.get_rank(), ds_comm.get_world_size())
+    return views
+
+
+def check_world_agreement(views: dict[str, tuple[int, int]]) -> None:
+    """Refuse to train when the layers disagree about this process's place in the world.
+
+    Seen on a CPU box: accelerate's state for DeepSpeed picked no backend, so both ranks had process_index 0 while
+    torch.distributed had 0 and 1 -- ZeRO-2 then trained every sample twice, silently. Each rank checks its own
+    views (no collective), so every rank stops with the same kind of error before the first step.
+    """
+    from dsft.errors import DsftError
+
+    if len(set(views.values())) <= 1:
+        return
+    seen = "; ".join(f"{name}: rank {index} of {count}" for name, (index, count) in views.items())
+    raise DsftError(f"the processes of this run disagree about the world ({seen}): ranks would read the same "
+                    "batches (duplicate data) or wait for each other forever; start every rank with the same "
+                    "launcher settings (torchrun/deepspeed/srun) and do not set RANK/WORLD_SIZE by hand")

@@ -13,6 +13,11 @@ from dsft.config import ModelConfig, PeftConfig, QuantizationConfig
 from dsft.errors import ConfigError, DsftError
 
 logger = logging.getLogger(__name__)
+# peft 0.x builds every PeftModel (get_peft_model, PeftModel.from_pretrained) by reading the model's
+# is_gradient_checkpointing, which transformers 5 deprecated with a FutureWarning: noise about library internals
+# that a dsft user can do nothing about. Only that message, only from where transformers issues it.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                        module=r"transformers\.modeling_utils")
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Parameters that get no weight decay: biases and norm weights (same name patterns as transformers' Trainer).
@@ -107,20 +112,26 @@ def load_model(cfg: ModelConfig, quantization: QuantizationConfig | None = None)
     return model
 
 
-def apply_lora(model, peft_cfg: PeftConfig, gradient_checkpointing_reentrant: bool):
+def peft_lora_config(peft_cfg: PeftConfig):
+    """peft's LoraConfig from dsft's peft.lora section (also handed to TRL's preference trainers)."""
     from peft import LoraConfig as PeftLoraConfig
+
+    lo = peft_cfg.lora
+    return PeftLoraConfig(
+        r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+        use_rslora=lo.use_rslora, use_dora=lo.use_dora, modules_to_save=lo.modules_to_save, bias=lo.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(model, peft_cfg: PeftConfig, gradient_checkpointing_reentrant: bool):
     from peft import get_peft_model
 
     if peft_cfg.quantization is not None:
         from dsft.quant import prepare_for_kbit_training
 
         model = prepare_for_kbit_training(model)
-    lo = peft_cfg.lora
-    lora = PeftLoraConfig(
-        r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
-        use_rslora=lo.use_rslora, use_dora=lo.use_dora, modules_to_save=lo.modules_to_save, bias=lo.bias,
-        task_type="CAUSAL_LM",
-    )
+    lora = peft_lora_config(peft_cfg)
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:
@@ -178,8 +189,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     if hasattr(model, "get_nb_trainable_parameters"):
         # peft counts a packed 4-bit weight as the parameters it holds (not its bytes) and ZeRO-3's ds_numel
         return model.get_nb_trainable_parameters()
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # ZeRO-3 (zero.Init) leaves each parameter empty between uses; ds_numel is its full size
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     return trainable, total
 
 

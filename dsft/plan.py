@@ -182,6 +182,7 @@ class Hardware:
     peak_flops: float | None = None  # per device; None: from ACCELERATORS
     mfu: float = DEFAULT_MFU
     process_baseline_bytes: int | None = None  # CPU: RSS of a training process before the model (measured)
+    assumed: str = ""  # how this hardware was chosen (a flag, or the machine dsft plan runs on); shown in the plan
 
     @property
     def world(self) -> int:
@@ -305,6 +306,7 @@ class Memory:
     peak_phase: str
     phases: dict[str, int]
     host: dict[str, int]
+    reference_weights: int = 0  # DPO / KTO full fine-tuning: TRL's frozen reference copy (in every phase)
 
     @property
     def model_states(self) -> int:
@@ -315,7 +317,7 @@ class Memory:
                 "optimizer_states": self.optimizer_states, "optimizer_step_extra": self.optimizer_step_extra,
                 "activations": self.activations, "buffers": self.buffers,
                 "overhead": self.overhead, "peak": self.peak, "peak_phase": self.peak_phase,
-                "phases": dict(self.phases), "host": dict(self.host)}
+                "phases": dict(self.phases), "host": dict(self.host), "reference_weights": self.reference_weights}
 
 
 # which input a LoRA-adapted linear reads, from its name: the attention norm's output, the attention output,
@@ -458,7 +460,9 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
     step_extra = ms["deepspeed_extra"] if use_ds and stage >= 1 else 0  # fp32 grad partition during the step
     host_states = (ms["host_weights"] * w_scale + ms["host_gradients"] + ms["host_optimizer_states"] * o_scale)
 
-    acts = activation_bytes(shape, prec, setup.micro_batch, _seq_len(cfg), setup.activation_checkpointing,
+    # TRL's DPOTrainer runs chosen and rejected of each pair in one forward: two sequences per row of the micro-batch
+    rows = setup.micro_batch * (2 if cfg.method == "dpo" else 1)
+    acts = activation_bytes(shape, prec, rows, _seq_len(cfg), setup.activation_checkpointing,
                             cfg.model.attn_implementation, cfg.peft.lora.dropout if cfg.peft is not None else 0.0)
     act = acts["total"]
     act += autocast_weight_copies(shape, prec, setup.activation_checkpointing)
@@ -493,8 +497,11 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
     # At the end of backward: every gradient, the embedding's dense gradient before it is added into the (tied)
     # weight's, and with checkpointing the first layer recomputed.
     embedding_grad = shape.embedding_params * prec.weight_bytes if shape.frozen_matmul_params == 0 else 0
-    recomputed = acts["per_layer_per_token"] * setup.micro_batch * _seq_len(cfg) if setup.activation_checkpointing \
+    recomputed = acts["per_layer_per_token"] * rows * _seq_len(cfg) if setup.activation_checkpointing \
         else 0
+    # DPO / KTO with full fine-tuning keep a frozen reference copy (weights only) from load to the end: ZeRO-3
+    # partitions it like the policy; below stage 3 TRL wraps it in a stage-0 engine, whole on every rank
+    ref = (wb / world if use_ds and stage == 3 else wb) if keeps_reference_copy(cfg) else 0.0
     if stage >= 2 and not hw.is_cpu:
         fwd_bwd = weights + optim + grads + max(act, embedding_grad + recomputed) + buffers
     else:
@@ -502,6 +509,7 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
     step = weights + optim + grads + step_extra + buffers
     load = _load_bytes(shape, prec, wb, stage, world, use_ds)
     save = weights + optim + _save_bytes(cfg, shape, prec, wb, stage)
+    fwd_bwd, step, load, save = fwd_bwd + ref, step + ref, load + ref, save + ref
     phases = {k: int(v + overhead) for k, v in
               (("load", load), ("forward_backward", fwd_bwd), ("optimizer_step", step), ("save", save))}
     peak_phase = max(phases, key=phases.get)
@@ -518,7 +526,14 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
     return Memory(weights=int(weights), gradients=int(grads), optimizer_states=int(optim),
                   optimizer_step_extra=int(step_extra), activations=int(act),
                   buffers=int(buffers), overhead=int(overhead), peak=phases[peak_phase] + int(
-                      host_states if hw.is_cpu else 0), peak_phase=peak_phase, phases=phases, host=host)
+                      host_states if hw.is_cpu else 0), peak_phase=peak_phase, phases=phases, host=host,
+                  reference_weights=int(ref))
+
+
+def keeps_reference_copy(cfg: RunConfig) -> bool:
+    """Whether a preference run holds a second, frozen copy of the model as its reference: full fine-tuning with
+    method dpo / kto, unless train.precompute_ref_log_probs (LoRA / QLoRA: the base with the adapter disabled)."""
+    return cfg.method in ("dpo", "kto") and cfg.peft is None and not cfg.train.get("precompute_ref_log_probs")
 
 
 def _seq_len(cfg: RunConfig) -> int:
@@ -807,6 +822,10 @@ def _fits(mem: Memory, hw: Hardware) -> bool:
 
 def plan(cfg: RunConfig, hw: Hardware) -> Plan:
     """Memory and speed of the configured setup on ``hw``, and the fastest setup that fits."""
+    if cfg.model.dtype == "auto":  # what the training process would pick on the planned hardware
+        from dsft.precision import auto_dtype, resolve_auto_dtype
+
+        cfg = resolve_auto_dtype(cfg, "bf16" if not hw.is_cpu else auto_dtype("cpu"))
     shape = model_shape(cfg)
     ds = ds_config_of(cfg)
     base = configured_setup(cfg, ds)
@@ -827,6 +846,9 @@ def plan(cfg: RunConfig, hw: Hardware) -> Plan:
         if best is None or key < best[0]:
             best = (key, cand, m, e)
     notes = []
+    if keeps_reference_copy(cfg):
+        notes.append(f"method {cfg.method}: reference_weights is the frozen reference copy of the model (ZeRO-3 "
+                     "partitions it; peft or train.precompute_ref_log_probs: none)")
     quant = quantization_bits(cfg)
     if quant:
         notes.append(f"{quant}-bit base weights (bitsandbytes): linear weights counted at "
@@ -844,8 +866,9 @@ def plan(cfg: RunConfig, hw: Hardware) -> Plan:
 def hardware_from_flags(nodes: int = 1, gpus_per_node: int | None = None, gpu_mem: str | None = None,
                         host_mem: str | None = None, accelerator: str | None = None,
                         mfu: float | None = None) -> Hardware:
-    """The Hardware `dsft plan`'s flags describe. Without --accelerator: the local GPU if there is one, H100 when
-    GPU flags are given on a machine without one, else this CPU (device memory = host memory)."""
+    """The Hardware `dsft plan`'s flags describe. Without --accelerator: the hardware present -- the local GPU if
+    there is one, else this CPU (device memory = host memory; --gpus-per-node counts ranks) -- except that --gpu-mem
+    on a machine without a GPU describes a GPU, planned with H100 peak FLOP/s. ``assumed`` says which applied."""
     for flag, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag}: must be at least 1, got {value}")
@@ -857,28 +880,40 @@ def hardware_from_flags(nodes: int = 1, gpus_per_node: int | None = None, gpu_me
             raise ConfigError(f"--accelerator: unknown {accelerator!r}; one of {', '.join(ACCELERATORS)}, cpu "
                               "(another GPU: set --gpu-mem and $DSFT_PEAK_TFLOPS)")
         name = names[accelerator.lower()]
+        assumed = f"--accelerator {accelerator}"
     else:
         local = local_device_name()
-        name = accelerator_name(local) if local else None
-        if name is None:
-            name = "H100" if (gpu_mem or gpus_per_node) and not local else ("cpu" if not local else "gpu")
+        if local:
+            name = accelerator_name(local) or "gpu"
+            assumed = f"this machine's {local} (no --accelerator given)"
+        elif gpu_mem:
+            name = "H100"
+            assumed = "--gpu-mem on a machine without a GPU: a GPU with H100 peak FLOP/s (name it with --accelerator)"
+        else:
+            name = "cpu"
+            assumed = "this machine's CPU: no GPU here and no --accelerator given (e.g. --accelerator H100 for GPUs)"
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if name == "cpu":
         host = parse_bytes(host_mem, "--host-mem") if host_mem else physical
         return Hardware(nodes=nodes, devices_per_node=gpus_per_node or 1, device_memory_bytes=host,
-                        host_memory_bytes=host, accelerator="cpu", mfu=mfu or DEFAULT_MFU_CPU)
+                        host_memory_bytes=host, accelerator="cpu", mfu=mfu or DEFAULT_MFU_CPU, assumed=assumed)
     if gpu_mem:
         device = parse_bytes(gpu_mem, "--gpu-mem")
     elif name in ACCELERATORS:
         device = ACCELERATORS[name]["memory_bytes"]
     else:
-        from deepspeed.accelerator import get_accelerator
+        import torch
 
-        device = get_accelerator().total_memory()
+        if torch.cuda.is_available():  # without importing deepspeed (its import logs an accelerator banner)
+            device = torch.cuda.get_device_properties(0).total_memory
+        else:
+            from deepspeed.accelerator import get_accelerator
+
+            device = get_accelerator().total_memory()
     peak = float(os.environ["DSFT_PEAK_TFLOPS"]) * 1e12 if os.environ.get("DSFT_PEAK_TFLOPS") else None
     return Hardware(nodes=nodes, devices_per_node=gpus_per_node or 1, device_memory_bytes=device,
                     host_memory_bytes=parse_bytes(host_mem, "--host-mem") if host_mem else DEFAULT_HOST_BYTES,
-                    accelerator=name, peak_flops=peak, mfu=mfu or DEFAULT_MFU)
+                    accelerator=name, peak_flops=peak, mfu=mfu or DEFAULT_MFU, assumed=assumed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -907,6 +942,7 @@ def format_plan(p: Plan) -> str:
         f"hardware: {hw.nodes} node(s) x {hw.devices_per_node} {hw.accelerator} "
         + (f"rank(s), {hw.host_memory_bytes / GiB:.0f} GiB host" if hw.is_cpu else
            f"({hw.device_memory_bytes / GiB:.0f} GiB each), {hw.host_memory_bytes / GiB:.0f} GiB host per node"),
+        *([f"hardware assumed: {hw.assumed}"] if hw.assumed else []),
         "",
         "| per device (GiB) | configured | recommended |",
         "|---|---|---|",
@@ -914,8 +950,10 @@ def format_plan(p: Plan) -> str:
     rec, rmem = p.recommended, p.recommended_memory
     rows = [("setup", p.configured.describe(), rec.describe() if rec else "nothing fits"),
             ("DeepSpeed template", p.configured.template() or "-", (rec.template() or "-") if rec else "-")]
-    for key in ("weights", "gradients", "optimizer_states", "model_states", "activations", "buffers", "overhead",
-                "peak"):
+    keys = ("weights", "gradients", "optimizer_states", "model_states", "activations", "buffers", "overhead", "peak")
+    if p.configured_memory.reference_weights or (rmem and rmem.reference_weights):
+        keys = ("reference_weights", *keys)
+    for key in keys:
         rows.append((key, _gb(getattr(p.configured_memory, key)), _gb(getattr(rmem, key)) if rmem else "-"))
     rows.append(("peak phase", p.configured_memory.peak_phase, rmem.peak_phase if rmem else "-"))
     rows.append(("host RAM per node", _gb(p.configured_memory.host["peak"]), _gb(rmem.host["peak"]) if rmem else "-"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from dsft.callbacks import LOG_FILE_NAME
@@ -17,10 +18,24 @@ def read_log(output_dir: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+# eval_loss (one eval set) or eval_<name>_loss (named data.eval sources: one per source, no eval_loss)
+_EVAL_LOSS = re.compile(r"^eval_(?:(.+)_)?loss$")
+
+
+def eval_losses(row: dict) -> dict[str, float]:
+    """The eval losses of one log row by eval set: {"": eval_loss} or {name: eval_<name>_loss, ...}."""
+    return {(m.group(1) or ""): v for k, v in row.items() if (m := _EVAL_LOSS.match(k)) and v is not None}
+
+
 def summary(output_dir: str | os.PathLike) -> dict:
     logs = read_log(output_dir)
     train = [r for r in logs if "loss" in r]
     evals = [r for r in logs if "eval_loss" in r]
+    per_source: dict[str, list[float]] = {}
+    for r in logs:
+        for name, value in eval_losses(r).items():
+            if name:
+                per_source.setdefault(name, []).append(value)
     final = next((r for r in reversed(logs) if "train_runtime" in r and "train_loss" in r), {})
     speeds = [r["tokens_per_second_per_device"] for r in train if "tokens_per_second_per_device" in r]
     out = {
@@ -33,6 +48,8 @@ def summary(output_dir: str | os.PathLike) -> dict:
         "mfu": _mean([r["mfu"] for r in train if "mfu" in r]),
         "peak_memory_gb": max((r.get("peak_memory_gb", 0) for r in train), default=None),
         "train_runtime_s": final.get("train_runtime"),
+        # named eval sources: (first, last) eval loss of each
+        "eval_losses_by_source": {name: (v[0], v[-1]) for name, v in sorted(per_source.items())},
     }
     return out
 
@@ -44,6 +61,8 @@ def format_summary(output_dir: str | os.PathLike) -> str:
         lines.append(f"train loss: {s['first_loss']:.4f} (first log) -> {s['last_loss']:.4f} (last log)")
     if s["first_eval_loss"] is not None:
         lines.append(f"eval loss: {s['first_eval_loss']:.4f} (first eval) -> {s['last_eval_loss']:.4f} (last eval)")
+    for name, (first, last) in s["eval_losses_by_source"].items():
+        lines.append(f"eval loss {name} (eval_{name}_loss): {first:.4f} (first eval) -> {last:.4f} (last eval)")
     if s["tokens_per_second_per_device"] is not None:
         lines.append(f"tokens/s per device (non-pad, mean of logs): {s['tokens_per_second_per_device']:.1f}")
     if s["mfu"] is not None:
@@ -64,7 +83,12 @@ REPORT_MD = "dsft_report.md"
 # (log key, panel title); a panel is drawn when the log has the key
 CURVES = (("loss", "train loss"), ("learning_rate", "learning rate"), ("grad_norm", "gradient norm"),
           ("tokens_per_second_per_device", "tokens/s per device (non-pad)"), ("mfu", "MFU"),
-          ("peak_memory_gb", "peak memory (GB)"))
+          ("peak_memory_gb", "peak memory (GB)"),
+          # preference tuning (method dpo / kto: TRL's log keys)
+          ("rewards/chosen", "reward of chosen (beta x log-ratio)"),
+          ("rewards/rejected", "reward of rejected (beta x log-ratio)"),
+          ("rewards/margins", "reward margin (chosen - rejected)"), ("rewards/accuracies", "reward accuracy"),
+          ("kl", "KL estimate (KTO)"))
 
 
 def plot_curves(logs: list[dict], path: str | os.PathLike, title: str = "") -> Path:
@@ -78,13 +102,15 @@ def plot_curves(logs: list[dict], path: str | os.PathLike, title: str = "") -> P
     fig = Figure(figsize=(4.2 * cols, 3.0 * rows), layout="constrained")
     for n, (key, label) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, n + 1)
-        points = [(r["step"], r[key]) for r in logs if key in r and "eval_loss" not in r]
+        points = [(r["step"], r[key]) for r in logs if key in r and not eval_losses(r)]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None,
                 label="train" if key == "loss" else None)
-        if key == "loss":
-            evals = [(r["step"], r["eval_loss"]) for r in logs if "eval_loss" in r]
-            if evals:
-                ax.plot([p[0] for p in evals], [p[1] for p in evals], marker="o", label="eval")
+        if key == "loss":  # one eval curve per eval set (eval_loss, or each named source's eval_<name>_loss)
+            names = sorted({name for r in logs for name in eval_losses(r)})
+            for name in names:
+                evals = [(r["step"], eval_losses(r)[name]) for r in logs if name in eval_losses(r)]
+                ax.plot([p[0] for p in evals], [p[1] for p in evals], marker="o",
+                        label=f"eval {name}" if name else "eval")
             ax.legend()
         ax.set_title(label)
         ax.set_xlabel("step")
@@ -107,6 +133,8 @@ def markdown_summary(output_dir: str | os.PathLike, png_name: str | None = REPOR
             ("train loss (first -> last log)", f"{fmt(s['first_loss'], '.4f')} -> {fmt(s['last_loss'], '.4f')}"),
             ("eval loss (first -> last eval)", None if s["first_eval_loss"] is None else
              f"{fmt(s['first_eval_loss'], '.4f')} -> {fmt(s['last_eval_loss'], '.4f')}"),
+            *((f"eval loss {name} (first -> last eval)", f"{first:.4f} -> {last:.4f}")
+              for name, (first, last) in s["eval_losses_by_source"].items()),
             ("tokens/s per device (non-pad, mean of logs)", fmt(s["tokens_per_second_per_device"], ".1f")),
             ("MFU (mean of logs)", fmt(s["mfu"], ".1%")),
             ("peak memory (GB)", fmt(s["peak_memory_gb"], ".2f")),

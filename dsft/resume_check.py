@@ -33,7 +33,8 @@ DONE_MARKER = "dsft_done.json"
 # Sections that must match for a resume to continue the same run. train.* (batch size, accumulation, steps,
 # DeepSpeed settings, ...) may legitimately change, e.g. when the world size changes.
 RESUME_SECTIONS = ("model", "data", "peft")
-RESUME_IGNORED = ("data.cache_dir",)  # where the tokenized cache lives does not change the data
+# where the tokenized cache lives, and how many processes tokenize it, do not change the data
+RESUME_IGNORED = ("data.cache_dir", "data.num_proc")
 # what a finished run leaves that --overwrite removes before training again
 _RUN_MARKERS = (DONE_MARKER, "dsft_nonfinite.json")
 
@@ -57,6 +58,39 @@ def config_diff(saved: dict, current: dict, sections=RESUME_SECTIONS, ignored=RE
         if a != b:
             lines.append(f"{key}: {a!r} -> {b!r}")
     return lines
+
+
+def effective_data(config: dict) -> dict:
+    """``config`` with every chat key left to its format's default filled in (data section and each source
+    mapping). messages_field / role_key / content_key changed their default from "messages"/"role"/"content" to
+    "this format's default" (null) when sharegpt arrived: a checkpoint saved with ``messages_field: messages``
+    reads the same rows as today's null under format messages, so compare what each config resolves to."""
+    import copy
+
+    from dsft.data_formats import CHAT_DEFAULTS
+
+    data = config.get("data")
+    if not isinstance(data, dict):
+        return config
+    out = copy.deepcopy(config)
+    data = out["data"]
+
+    # as dsft.data_formats.resolve_format: the source's own key, else the section's, else its format's default
+    section = {k: data.get(k) for k in CHAT_DEFAULTS["messages"]}
+
+    def fill(entry: dict, fmt, inherit: dict) -> None:
+        defaults = CHAT_DEFAULTS.get(fmt, CHAT_DEFAULTS["messages"])
+        for key, value in defaults.items():
+            if entry.get(key) is None:
+                entry[key] = inherit.get(key) if inherit.get(key) is not None else value
+
+    fill(data, data.get("format"), {})
+    for key in ("train", "eval"):
+        entries = data.get(key) if isinstance(data.get(key), list) else [data.get(key)]
+        for entry in entries:
+            if isinstance(entry, dict):
+                fill(entry, entry.get("format") or data.get("format"), section)
+    return out
 
 
 def saved_config(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> tuple[dict | None, Path | None]:
@@ -88,7 +122,7 @@ def check_resume_matches(cfg: RunConfig, resume: str, force: bool = False) -> No
         saved = resolved_dict(from_dict(saved))
     except ConfigError:
         pass  # a key that no longer exists: compare as written
-    changes = config_diff(saved, resolved_dict(cfg))
+    changes = config_diff(effective_data(saved), effective_data(resolved_dict(cfg)))
     if not changes:
         return
     summary = "; ".join(changes)

@@ -16,8 +16,10 @@ from transformers import TrainerCallback
 
 from dsft.callbacks import MetricsCallback, compute_metrics, preprocess_logits_for_metrics
 from dsft.config import RunConfig, training_arguments_kwargs, write_resolved
-from dsft.distributed import Topology, accelerator_is_cpu, configure_cpu_threads, export_local_world_size, topology
+from dsft.distributed import (Topology, accelerator_is_cpu, check_world_agreement, configure_cpu_threads,
+                              export_local_world_size, topology, world_views)
 from dsft.errors import ConfigError, DsftError
+from dsft.precision import resolve_auto_dtype
 
 logger = logging.getLogger("dsft")
 
@@ -48,8 +50,13 @@ def build_training_arguments(cfg: RunConfig, topo: Topology | None = None):
         from dsft.distributed import apply_collective_timeout
 
         apply_collective_timeout(kwargs["ddp_timeout"], bool(kwargs.get("use_cpu")), kwargs.get("ddp_backend"))
+    arguments_cls = TrainingArguments
+    if cfg.method != "sft":  # TRL's DPOConfig / KTOConfig (TrainingArguments subclasses); dsft.preference
+        from dsft.preference import preference_arguments
+
+        arguments_cls, kwargs = preference_arguments(cfg, kwargs)
     try:
-        return TrainingArguments(**kwargs)
+        return arguments_cls(**kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"train: {str(e).strip().splitlines()[0]}") from None
 
@@ -101,7 +108,7 @@ def build_trainer(cfg: RunConfig, args=None):
     """Everything up to a ready Trainer. Returns (trainer, prepared data)."""
     from transformers import EarlyStoppingCallback, Trainer, set_seed
 
-    from dsft.data import make_collator, prepare_data
+    from dsft.data import log_prepared, make_collator, prepare_data
     from dsft.model import apply_lora, count_parameters, load_model, load_tokenizer, optimizer_cls_and_kwargs
 
     args = args or build_training_arguments(cfg)
@@ -109,10 +116,16 @@ def build_trainer(cfg: RunConfig, args=None):
         from dsft.distributed import init_deepspeed_distributed
 
         init_deepspeed_distributed(args.ddp_timeout)
+    if cfg.method != "sft":  # TRL's DPOTrainer / KTOTrainer with dsft's callbacks (dsft.preference)
+        from dsft.preference import build_preference_trainer
+
+        trainer, data = build_preference_trainer(cfg, args)
+        _move_reporting_callbacks_last(trainer)
+        return trainer, data
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, args.main_process_first)
-    for split, stats in data.stats.items():
-        logger.info("data %s%s", stats.summary(split), " (from cache)" if data.from_cache else "")
+    # local rank 0 of each node tokenizes; the others wait on the cache's files, not in a barrier (dsft.data_cache)
+    data = prepare_data(cfg.data, tokenizer)
+    log_prepared(data, logger)  # split totals and each source's rows and tokens
     # The Trainer seeds in its __init__, after the model exists: seed here, or LoRA's random A matrices (and
     # from_config weights) differ from run to run.
     set_seed(args.seed)
@@ -123,6 +136,10 @@ def build_trainer(cfg: RunConfig, args=None):
         check_packing_isolation(model, model.config.vocab_size)
     if cfg.peft is not None:
         model = apply_lora(model, cfg.peft, cfg.model.gradient_checkpointing_reentrant)
+    if cfg.loss.impl == "chunked":  # after LoRA: the loss calls peft's lm_head module (modules_to_save copy)
+        from dsft.loss import enable_chunked_loss
+
+        enable_chunked_loss(model, cfg.loss.chunk_tokens)
     trainable, total = count_parameters(model)
     logger.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     from dsft.guards import CompleteCheckpointCallback, NonFiniteGuard
@@ -155,18 +172,24 @@ def build_trainer(cfg: RunConfig, args=None):
 RUN_INFO_NAME = "dsft_run_info.json"
 
 
-def rank_info(topo: Topology, threads: int | None, model=None) -> dict:
-    """What this rank reports about itself right after loading (before the first step)."""
+def rank_info(topo: Topology, threads: int | None, model=None, ref_model=None) -> dict:
+    """What this rank reports about itself right after loading (before the first step). ``ref_model``: the frozen
+    reference copy of full-fine-tuning DPO / KTO, reported separately (ZeRO-3 must partition it too)."""
     import platform
 
     from dsft.callbacks import peak_memory_bytes
 
-    me = {"rank": topo.rank, "local_rank": topo.local_rank, "node_rank": int(os.environ.get("GROUP_RANK", 0)),
-          "host": platform.node(), "pid": os.getpid(), "threads": threads}
+    # node_rank from the launcher / Slurm (topology()), not from the host name: nodes may share one
+    me = {"rank": topo.rank, "local_rank": topo.local_rank, "node_rank": topo.node_rank,
+          "ranks_per_node": topo.local_world_size, "host": platform.node(), "pid": os.getpid(), "threads": threads}
     if model is not None:
         from dsft.model import parameter_elements
 
         me["param_elements_held"], me["param_elements_total"] = parameter_elements(model)
+    if ref_model is not None:
+        from dsft.model import parameter_elements
+
+        me["ref_param_elements_held"], me["ref_param_elements_total"] = parameter_elements(ref_model)
     me["peak_memory_gb_after_load"] = round(peak_memory_bytes() / 2**30, 3)
     return me
 
@@ -180,16 +203,26 @@ def write_run_info(args, me: dict, model=None) -> dict:
 
     if model is not None:  # the Trainer turns activation checkpointing on at the start of train()
         me = dict(me, activation_checkpointing=bool(getattr(model, "is_activation_checkpointing", False)))
+    ds_config = args.hf_deepspeed_config.config if getattr(args, "hf_deepspeed_config", None) else {}
+    hpz = ds_config.get("zero_optimization", {}).get("zero_hpz_partition_size")
+    if hpz is not None:  # what this rank's DeepSpeed runs with ("auto" filled with this rank's ranks per node)
+        me = dict(me, zero_hpz_partition_size=hpz)
     ranks = [me]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         ranks = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(ranks, me)
+    from dsft.distributed import node_layout_problems
+
+    # every rank checks the layout all reported (a wrong node rank or hpZ size shows on the rank that has it)
+    for problem in node_layout_problems(ranks, hpz if isinstance(hpz, int) else None):
+        logger.warning("rank %d: node layout: %s", me["rank"], problem)
     info = {
         "world_size": args.world_size,
         "ranks": ranks,
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
         "deepspeed_zero_stage": (args.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0)
                                  if getattr(args, "hf_deepspeed_config", None) else None),
+        "num_nodes": len({r["node_rank"] for r in ranks}),
         "cpu": accelerator_is_cpu(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
@@ -276,6 +309,11 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool = False, over
     threads = configure_cpu_threads(topo)
     if threads is not None:
         logger.info("CPU: %d threads per rank (%d local ranks)", threads, topo.local_world_size)
+        # accelerate imports deepspeed whenever it is installed (Trainer.__init__ -> unwrap_model), and DeepSpeed's
+        # auto-detection then logs "Setting accelerator to CPU ... unable to detect it", also on runs without
+        # DeepSpeed. Naming the accelerator dsft already found skips that detection (and its banner).
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cfg = resolve_auto_dtype(cfg)  # model.dtype: auto -> this machine's faster precision, before anything uses it
     resume = None if overwrite else resolve_resume(cfg)
     resume_check.check_output_dir(cfg, resume, overwrite)
     if resume is not None:
@@ -283,13 +321,18 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool = False, over
     cfg = adapt_to_world_size(cfg, resume, topo)
     args = build_training_arguments(cfg, topo)
     trainer, data = build_trainer(cfg, args)
+    check_world_agreement(world_views(args, trainer.accelerator))
     # Nothing is written to output_dir before this point: bad data or a model that fails to load leave no
     # half-made run behind (the Trainer only creates the empty dir).
     if args.process_index == 0:
         resume_check.prepare_output_dir(args.output_dir, resume, overwrite)
         path = write_resolved(cfg, args.output_dir, use_cpu=accelerator_is_cpu())
         logger.info("resolved config written to %s", path)
-    for callback in (RunInfoCallback(rank_info(topo, threads, trainer.model)), *callbacks):
+        from dsft.data import write_composition
+
+        write_composition(data, args.output_dir)  # the mixture this run trained on, per source
+    me = rank_info(topo, threads, trainer.model, getattr(trainer, "ref_model", None))  # ref_model: TRL trainers
+    for callback in (RunInfoCallback(me), *callbacks):
         trainer.add_callback(callback)
     guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteGuard)), None)
     if guard is not None:  # last: its veto on saving a non-finite step overrides any other callback's save

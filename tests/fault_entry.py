@@ -1,4 +1,4 @@
-"""Test-only launcher entry: ``launch/train.py`` plus faults injected from the environment.
+"""Test-only launcher entry: the module entry ``dsft.run`` plus faults injected from the environment.
 
 ``DSFT_TEST_FAULTS`` (JSON) selects them; production code has no such switch:
 
@@ -51,7 +51,7 @@ class Poison(TrainerCallback):
 
 def main() -> int:
     import dsft.train
-    from dsft.cli import launch_main
+    from dsft.run import main as launch_main
 
     extra = []
     if "slow_save" in FAULTS:
@@ -63,7 +63,7 @@ def main() -> int:
     def run_with_faults(cfg, callbacks=(), **kwargs):
         return real_run(cfg, [*callbacks, *extra], **kwargs)
 
-    dsft.train.run = run_with_faults  # the CLI imports run from dsft.train when it is called
+    dsft.train.run = run_with_faults  # dsft.run imports run from dsft.train when it is called
     return launch_main()
 
 

@@ -76,11 +76,11 @@ CASES = [
      ["train.resume_from_checkpoint", "checkpoint-8 is incomplete", "no dsft_complete.json"]),
     # ---- data ----
     ("data-missing-field", {"rows": [*ROWS[:2], {"prompt": "copy ab:"}]}, [],
-     ["train.jsonl row 3", "missing field 'completion'"]),
+     ["train.jsonl: line 3", "missing field 'completion'"]),
     ("data-empty-completion", {"rows": [*ROWS[:3], {"prompt": "copy ab:", "completion": "  "}]}, [],
-     ["train.jsonl row 4", "field 'completion' is empty"]),
+     ["train.jsonl: line 4", "field 'completion' is empty"]),
     ("data-wrong-type", {"rows": [{"text": "ok"}, {"text": 5}], "patch": {"data": {"format": "text"}}}, [],
-     ["train.jsonl row 2", "field 'text' must be a string, got int"]),
+     ["train.jsonl: line 2", "field 'text' must be a string, got int"]),
     ("data-non-utf8", {"raw": b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n'}, [],
      ["train.jsonl", "line 2", "not UTF-8"]),
     ("data-all-rows-longer-than-max-seq-len",
@@ -91,16 +91,16 @@ CASES = [
     ("data-chat-without-assistant",
      {"rows": [chat(("user", "hi"), ("assistant", "yo")), chat(("system", "S"), ("user", "hi"))],
       "patch": {"data": {"format": "messages"}}}, [],
-     ["train.jsonl row 2", "no assistant turn"]),
+     ["train.jsonl: line 2", "no assistant turn"]),
     ("data-messages-not-a-list", {"rows": [{"messages": "hi"}], "patch": {"data": {"format": "messages"}}}, [],
-     ["train.jsonl row 1", "'messages' must be a non-empty list"]),
+     ["train.jsonl: line 1", "'messages' must be a non-empty list"]),
     ("data-unknown-role",
      {"rows": [chat(("user", "hi"), ("robot", "beep"))], "patch": {"data": {"format": "messages"}}}, [],
-     ["train.jsonl row 1", "message 1 has role 'robot'"]),
+     ["train.jsonl: line 1", "message 1 has role 'robot'"]),
     ("data-message-content-null",
      {"rows": [{"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}],
       "patch": {"data": {"format": "messages"}}}, [],
-     ["train.jsonl row 1", "message 0 content must be a string, got NoneType"]),
+     ["train.jsonl: line 1", "message 0 content must be a string, got NoneType"]),
     ("data-broken-json-line", {"raw": b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n'}, [],
      ["train.jsonl: line 2", "not valid JSON", "column 31"]),
     ("data-json-line-not-an-object", {"raw": b'{"prompt": "a", "completion": "b"}\n"just a string"\n'}, [],
@@ -108,11 +108,11 @@ CASES = [
     ("data-unsupported-extension", {"raw": b"prompt\tcompletion\n", "file": "train.tsv"}, [],
      ["train.tsv", "unsupported data file type"]),
     ("data-csv-missing-column", {"raw": b"prompt,answer\ncopy a:, a\n", "file": "train.csv"}, [],
-     ["train.csv row 1", "missing field 'completion'"]),
+     ["train.csv: row 1", "missing field 'completion'"]),
     ("data-alpaca-empty-output", {"rows": [{"instruction": "Do", "input": "", "output": ""}]}, [],
-     ["train.jsonl row 1", "field 'output' is empty"]),
+     ["train.jsonl: line 1", "field 'output' is empty"]),
     ("data-eval-bad-row", {"patch": {"data": {"eval": "{tmp}/eval.jsonl"}}, "prepare": "bad_eval_file"}, [],
-     ["eval.jsonl row 2", "missing field 'prompt'"]),
+     ["eval.jsonl: line 2", "missing field 'prompt'"]),
     ("data-dir-not-a-dataset", {"patch": {"data": {"train": "{tmp}/not-a-dataset"}}, "prepare": "not_a_dataset"}, [],
      ["data.train: cannot read", "not-a-dataset", "neither a `Dataset` directory"]),
     # ---- Slurm values (dsft sbatch renders the job script; metacharacters are quoted, line breaks refused) ----
@@ -252,5 +252,5 @@ def test_a_data_error_in_a_real_process(real_process):
     proc, out_dir = real_process
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2, stderr[-3000:]
-    assert "dsft: error: " in stderr and "row 2: the chat has no assistant turn" in stderr
+    assert "dsft: error: " in stderr and "train.jsonl: line 2: the chat has no assistant turn" in stderr
     assert "Traceback" not in stderr and not out_dir.exists()

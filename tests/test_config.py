@@ -138,9 +138,9 @@ BAD = [
     ("missing-data-train", {"data": {"train": DROP}}, [],
      ["data.train: required", "data file"]),
     ("data-train-file-not-found", {"data": {"train": "{tmp}/nope.jsonl"}}, [],
-     ["data.train: file not found", "nope.jsonl"]),
+     ["data.train: file not found", "nope.jsonl", "relative paths resolve from the current directory"]),
     ("data-eval-file-not-found", {"data": {"eval": ["{train}", "{tmp}/held_out.jsonl"]}}, [],
-     ["data.eval: file not found", "held_out.jsonl"]),
+     ["data.eval[1]: file not found", "held_out.jsonl"]),
     # model
     ("missing-model-name-or-path", {"model": {"name_or_path": DROP}}, [],
      ["model.name_or_path: required", "local model dir or a hub id"]),
@@ -438,3 +438,18 @@ def test_ds_config_prints_resolved_json(env, capsys):
     ds = json.loads(out)
     assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
     assert "auto" not in out
+
+
+@pytest.mark.parametrize("short, bits", [("4bit", 4), ("8bit", 8), ("4-bit", 4), ("8BIT", 8), (4, 4), (8, 8)])
+def test_quantization_short_form(short, bits):
+    q = from_dict({"peft": {"quantization": short}}).peft.quantization
+    assert q == from_dict({"peft": {"quantization": {"bits": bits}}}).peft.quantization
+
+
+@pytest.mark.parametrize("bad", ["nf4", "16bit", True, False, 3, ["4bit"]])
+def test_quantization_bad_short_form_names_the_forms(bad):
+    # `true` is refused, not read as 4bit: it would hide which of two methods (NF4 QLoRA, LLM.int8) runs
+    with pytest.raises(ConfigError) as e:
+        from_dict({"peft": {"quantization": bad}})
+    msg = str(e.value)
+    assert msg.startswith("peft.quantization: expected 4bit, 8bit or a mapping") and repr(bad) in msg

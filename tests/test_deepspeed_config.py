@@ -51,7 +51,22 @@ def rules(findings, level=None):
 
 def test_all_templates_present():
     assert set(dsd.template_names()) == EXPECTED
-    assert dsd.TEMPLATES_DIR == Path(__file__).resolve().parents[1] / "ds_configs"
+    # the templates dsft reads are the repo's ds_configs/ (the one copy; an editable install reads it in place,
+    # a wheel carries the same files as dsft.templates.ds_configs)
+    repo = Path(__file__).resolve().parents[1] / "ds_configs"
+    assert {p.name: p.read_bytes() for p in dsd.TEMPLATES_DIR.glob("*.json")} == {
+        p.name: p.read_bytes() for p in repo.glob("*.json")}
+
+
+def test_templates_dir_env_override(tmp_path, monkeypatch):
+    from dsft import templates
+
+    monkeypatch.setenv("DSFT_DS_CONFIGS", str(tmp_path))
+    monkeypatch.setenv("DSFT_SLURM_TEMPLATES", str(tmp_path / "sb"))
+    assert templates.directory("ds_configs") == tmp_path
+    assert templates.directory("slurm") == tmp_path / "sb"
+    monkeypatch.delenv("DSFT_DS_CONFIGS")
+    assert (templates.directory("ds_configs") / "zero3.json").is_file()  # the packaged ones
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

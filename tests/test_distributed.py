@@ -77,12 +77,13 @@ def _run_info(out: Path) -> dict:
 
 def torchrun(config: Path, nproc: int = 2) -> list[str]:
     return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), "launch/train.py", "--config", str(config)]
+            "--master_port", str(free_port()), "-m", "dsft.run", "--config", str(config)]  # the module entry
 
 
 def deepspeed_launcher(config: Path, nproc: int = 2) -> list[str]:
+    # the module entry as sbatch scripts start it; the launcher appends --local_rank=N, which dsft.run accepts
     return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), "launch/train.py", "--config", str(config)]
+            "--master_port", str(free_port()), "--module", "dsft.run", "--config", str(config)]
 
 
 def _matrix_configs(root: Path, model_dir: Path, data: dict, with_resume: bool) -> list[Path]:
@@ -101,11 +102,11 @@ def _matrix_configs(root: Path, model_dir: Path, data: dict, with_resume: bool) 
 @pytest.fixture(scope="module")
 def torchrun_matrix(tmp_path_factory, tiny_model_dir, dist_data) -> Path:
     """Every template, fp32 and bf16, plus a resume from step 5, under torchrun: one launch runs them one after
-    another through dsft.train.run (launch/run_configs.py), since each launch costs ~15 s of start-up here."""
+    another through dsft.train.run (tests/run_configs.py), since each launch costs ~15 s of start-up here."""
     root = tmp_path_factory.mktemp("matrix-torchrun")
     configs = _matrix_configs(root, tiny_model_dir, dist_data, with_resume=True)
     _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-          str(free_port()), "launch/run_configs.py", *map(str, configs)], timeout=1200)
+          str(free_port()), "tests/run_configs.py", *map(str, configs)], timeout=1200)
     return root
 
 
@@ -118,7 +119,7 @@ def deepspeed_matrix(tmp_path_factory, tiny_model_dir, dist_data) -> Path:
     configs = _matrix_configs(root, tiny_model_dir, dist_data, with_resume=False)
     # one host in the hostfile: the launcher starts both ranks locally (no ssh); skip its ssh reachability probe
     _run([str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
-          "--master_port", str(free_port()), "launch/run_configs.py", *map(str, configs)], timeout=1200)
+          "--master_port", str(free_port()), "tests/run_configs.py", *map(str, configs)], timeout=1200)
     return root
 
 
@@ -294,7 +295,7 @@ def test_zero3_loads_partitioned_and_lora_saves_a_real_adapter(tmp_path, tiny_mo
     from safetensors.torch import load_file
 
     config = _config(tmp_path, tiny_model_dir, dist_data, "zero3", "bf16", peft={"lora": {"r": 4, "alpha": 8}})
-    _run(deepspeed_launcher(config))  # deepspeed --num_gpus 2 launch/train.py
+    _run(deepspeed_launcher(config))  # deepspeed --num_gpus 2 --module dsft.run
     info = _run_info(tmp_path / "out")
     for r in info["ranks"]:
         share = r["param_elements_held"] / r["param_elements_total"]

@@ -207,9 +207,46 @@ def test_plan_cli_llama3_8b_on_8x80gb(llama8b_dir, train_file, tmp_path, capsys)
     # step time = tokens x FLOPs per token / (peak x MFU) on each device
     flops = est["flops_per_token"]["hardware"] * est["tokens_per_device_per_step"]
     assert est["step_time_s"] == pytest.approx(flops / (est["peak_flops"] * est["mfu_assumed"]), rel=1e-6)
-    assert main(["plan", str(cfg_path), "--gpus-per-node", "8"]) == 0  # the human-readable table
+    # the human-readable table; naming the GPU type plans for it on any machine
+    assert main(["plan", str(cfg_path), "--gpus-per-node", "8", "--accelerator", "H100"]) == 0
     text = capsys.readouterr().out
     assert "| peak |" in text and "recommended" in text and "H100" in text
+
+
+def test_plan_reads_no_data(llama8b_dir, tmp_path, capsys):
+    """Planning happens before the data is on the cluster: a missing data file does not stop dsft plan (it reads
+    max_seq_len, packing and the batch settings only), while dsft validate, which checks for training, refuses."""
+    cfg_path = tmp_path / "run.yaml"
+    missing = tmp_path / "not-copied-yet" / "train.jsonl"
+    cfg_path.write_text(json.dumps({
+        "model": {"name_or_path": str(llama8b_dir), "init": "from_config", "dtype": "bf16"},
+        "data": {"train": str(missing), "format": "prompt_completion", "max_seq_len": 4096, "packing": True},
+        "train": {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4,
+                  "gradient_accumulation_steps": 4, "bf16": True, "gradient_checkpointing": False},
+        "deepspeed": "zero2"}))
+    assert main(["plan", str(cfg_path), "--gpus-per-node", "8", "--gpu-mem", "80GiB", "--accelerator", "H100",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["hardware"]["accelerator"] == "H100" and out["hardware"]["world"] == 8
+    # ZeRO-2 over 8 devices, bf16 + fp32 master + Adam: 2 + (2 + 12) / 8 bytes per parameter and device
+    assert out["configured"]["memory"]["model_states"] == pytest.approx(LLAMA3_8B_PARAMS * (2 + 14 / 8), rel=1e-6)
+    assert not missing.parent.exists()
+    assert main(["validate", str(cfg_path)]) == 2
+    assert "data.train" in capsys.readouterr().err
+
+
+def test_plan_defaults_to_the_hardware_present(monkeypatch):
+    """No --accelerator: the hardware this runs on (issue: --gpus-per-node 2 on a CPU box planned 80 GiB H100s)."""
+    monkeypatch.setattr(P, "local_device_name", lambda: None)  # a CPU-only machine
+    hw = P.hardware_from_flags(gpus_per_node=2)
+    assert hw.is_cpu and hw.devices_per_node == 2 and "CPU" in hw.assumed
+    hw = P.hardware_from_flags(gpus_per_node=8, accelerator="h100")  # a named GPU type is planned for anywhere
+    assert hw.accelerator == "H100" and hw.device_memory_bytes == 80 * 2**30 and hw.assumed == "--accelerator h100"
+    hw = P.hardware_from_flags(gpus_per_node=8, gpu_mem="40GiB")  # GPU memory given: a GPU, said to be assumed
+    assert hw.accelerator == "H100" and hw.device_memory_bytes == 40 * 2**30 and "--gpu-mem" in hw.assumed
+    monkeypatch.setattr(P, "local_device_name", lambda: "NVIDIA A100-SXM4-80GB")  # a GPU machine
+    hw = P.hardware_from_flags(gpus_per_node=2)
+    assert hw.accelerator == "A100" and "A100-SXM4-80GB" in hw.assumed
 
 
 def test_plan_bad_flag_is_one_line(tmp_path, tiny_model_dir, train_file, capsys):

@@ -215,8 +215,7 @@ def test_any_value_survives_sbatch_quoting(launcher, job_name, partition, accoun
     job_dir = f"/scratch/{job_sub}"
     script = render(_cfg(job_name, partition, account), f"/work/{config_dir}/run.yaml", launcher,
                     overrides=[f"data.eval={override}"], job_dir=job_dir, workdir="/w",
-                    executables={"torchrun": "/opt/bin/torchrun", "deepspeed": "/opt/bin/deepspeed"},
-                    entry="/opt/dsft/launch/train.py")
+                    executables={"torchrun": "/opt/bin/torchrun", "deepspeed": "/opt/bin/deepspeed"})
     check = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
     got = _sbatch_values(script)
@@ -248,15 +247,14 @@ def test_the_launcher_receives_any_value_unchanged(stubs, tmp_path_factory, conf
     config = f"/work/{config_dir}/run.yaml"
     script = render(_cfg("j", "p", "a"), config, "torchrun", overrides=[f"data.eval={override}"],
                     job_dir=str(job_dir), workdir=str(work),
-                    executables={"torchrun": str(stubs / "launcher"), "deepspeed": str(stubs / "launcher")},
-                    entry="/opt/dsft/launch/train.py")
+                    executables={"torchrun": str(stubs / "launcher"), "deepspeed": str(stubs / "launcher")})
     record = work / "argv.json"
     env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-[a-b]",
                SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="7", ARGV_RECORD=str(record))
     proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, cwd=work)
     assert proc.returncode == 0, proc.stderr
     argv = json.loads(record.read_text())
-    assert argv[-7:] == ["/opt/dsft/launch/train.py", "--config", config, "--set", f"data.eval={override}",
+    assert argv[-8:] == ["-m", "dsft.run", "--config", config, "--set", f"data.eval={override}",
                          "--set", "train.resume_from_checkpoint=auto"]
 
 

@@ -235,12 +235,17 @@ def test_merge_loads_the_base_unquantized_and_matches_the_unmerged_adapter(tmp_p
 
 
 def _qlora_config(root: Path, name: str, model_dir: Path, data: dict, template: str, **train) -> Path:
-    """test_distributed's 2-rank config with a bf16 base loaded in 4 bits."""
+    """test_distributed's 2-rank config with the base loaded in 4 bits, computing in fp32.
+
+    fp32, not bf16: these runs compare ZeRO stages and checkpointing modes, whose reductions round in different
+    orders. In bf16 that rounding (2^-8 per operation) moved the step-2 loss by 1.0e-2 rel on an AVX512-BF16 CPU
+    (Adam's first step amplifies it); in fp32 the same runs agree to ~1e-6, so the bounds test the modes, not the
+    CPU's bf16 kernels. bf16 QLoRA is covered by the single-process tests above."""
     reentrant = train.pop("reentrant", False)
-    path = _config(root / name, model_dir, data, template, "bf16", peft={
+    path = _config(root / name, model_dir, data, template, "fp32", peft={
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "quantization": {}}, learning_rate=2e-2, **train)
     raw = yaml.safe_load(path.read_text())
-    raw["model"].update(dtype="bf16", gradient_checkpointing_reentrant=reentrant)
+    raw["model"].update(dtype="fp32", gradient_checkpointing_reentrant=reentrant)
     # every parameter partitioned, so the bytes held per rank show whether the packed 4-bit weights are
     raw["deepspeed_overrides"] = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
     path.write_text(yaml.safe_dump(raw))
@@ -258,7 +263,7 @@ def two_rank_runs(tmp_path_factory, tiny_model_dir, qlora_data) -> Path:
     reentrant = _qlora_config(root, "zero3-reentrant", tiny_model_dir, qlora_data, "zero3", reentrant=True)
     z2 = _qlora_config(root, "zero2", tiny_model_dir, qlora_data, "zero2")
     _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-          str(free_port()), "launch/run_configs.py", "--model-states", *map(str, (z3, resumed, reentrant, z2))],
+          str(free_port()), "tests/run_configs.py", "--model-states", *map(str, (z3, resumed, reentrant, z2))],
          timeout=1200)
     return root
 
@@ -314,7 +319,7 @@ def test_activation_checkpointing_modes_agree_under_zero3_and_zero2(two_rank_run
     reference = _step_losses(two_rank_runs / "zero3" / "out")
     info = json.loads((two_rank_runs / "zero2" / "out" / "dsft_run_info.json").read_text())
     assert info["world_size"] == 2 and info["deepspeed_zero_stage"] == 2
-    for name, rel in (("zero3-reentrant", 1e-3), ("zero2", 1e-2)):
+    for name, rel in (("zero3-reentrant", 1e-3), ("zero2", 1e-3)):  # fp32 (see _qlora_config)
         other = _step_losses(two_rank_runs / name / "out")
         assert sorted(other) == sorted(reference), name
         print(f"{name} vs zero3 (non-reentrant), max relative loss difference:",

@@ -86,7 +86,7 @@ def _render(launcher: str, **paths):
     from dsft.slurm.sbatch import render
 
     defaults = {"config_path": f"/work/my {HOSTILE}/run.yaml", "job_dir": f"/scratch/{HOSTILE_PATH}/slurm",
-                "workdir": "/home/u/project dir", "entry": "/opt/dsft/launch/train.py",
+                "workdir": "/home/u/project dir",
                 "executables": {"torchrun": "/opt/env with space/bin/torchrun",
                                 "deepspeed": "/opt/env with space/bin/deepspeed"}}
     defaults.update(paths)
@@ -169,7 +169,9 @@ def test_rendered_script_passes_every_value_through_unchanged(tmp_path, launcher
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     argv = json.loads(record.read_text())
-    tail = ["/opt/dsft/launch/train.py", "--config", f"/work/my {HOSTILE}/run.yaml", "--set",
+    # the module entry (not a path into a clone): the script works wherever dsft is installed
+    entry = ["-m", "dsft.run"] if launcher == "torchrun" else ["--module", "dsft.run"]
+    tail = [*entry, "--config", f"/work/my {HOSTILE}/run.yaml", "--set",
             "train.learning_rate=3e-4", "--set", f"data.eval={HOSTILE}", "--set", "train.resume_from_checkpoint=auto"]
     if launcher == "torchrun":
         assert argv == ["--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node-a:29511",

@@ -128,11 +128,17 @@ def test_early_stopping_stops(tmp_path, tiny_model_dir, copy_data):
 
 
 def test_cli_train_and_generate(tmp_path, tiny_model_dir, copy_data):
+    """`dsft train` as a user runs it: a quiet console (no library warnings, no DeepSpeed banner on a run without
+    DeepSpeed, each data summary once), model.dtype: auto resolved by the training process; then generate."""
+    import yaml
+
+    from dsft.precision import auto_dtype
+
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps({
-        "model": {"name_or_path": str(tiny_model_dir), "dtype": "fp32"},
-        "data": {"train": copy_data["train"], "format": "prompt_completion", "max_seq_len": 64,
-                 "cache_dir": str(tmp_path / "cache")},
+        "model": {"name_or_path": str(tiny_model_dir), "dtype": "auto"},
+        "data": {"train": copy_data["train"], "eval": copy_data["eval"], "format": "prompt_completion",
+                 "max_seq_len": 64, "cache_dir": str(tmp_path / "cache")},
         "peft": {"lora": {"r": 4}},
         "train": {"output_dir": str(tmp_path / "cli-out"), "max_steps": 3, "report_to": "none"},
     }))
@@ -141,8 +147,15 @@ def test_cli_train_and_generate(tmp_path, tiny_model_dir, copy_data):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "saved to" in proc.stdout
-    resolved = (tmp_path / "cli-out" / RESOLVED_CONFIG_NAME).read_text()
-    assert "max_steps: 2" in resolved
+    console = proc.stdout + proc.stderr
+    for noise in ("FutureWarning", "DeprecationWarning", "Setting accelerator to CPU"):
+        assert noise not in console, console[-3000:]
+    assert console.count("data train:") == 1 and console.count("data eval:") == 1, console[-3000:]
+    resolved_text = (tmp_path / "cli-out" / RESOLVED_CONFIG_NAME).read_text()
+    assert "max_steps: 2" in resolved_text
+    resolved = yaml.safe_load(resolved_text)
+    picked = auto_dtype("cpu")  # bf16 on a CPU with AVX512-BF16/AMX, else fp32
+    assert resolved["model"]["dtype"] == picked and resolved["train"]["bf16"] == (picked == "bf16")
     gen = subprocess.run([sys.executable, "-m", "dsft", "generate", str(tmp_path / "cli-out"), "--prompt", "copy ab:",
                           "--max-new-tokens", "5"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""What runs in each Slurm task: the same training entry as ``dsft train`` and ``launch/train.py``, with Slurm's
+"""What runs in each Slurm task: the same training entry as ``dsft train`` and ``dsft.run``, with Slurm's
 end-of-job signal turned into save-at-the-next-step-and-stop, and the requeue handed to submitit.
 
 submitit 1.5.4 (core/job_environment.py) installs, in every task, a handler for USR2 (``$SUBMITIT_PREEMPT_SIGNAL``)
@@ -60,8 +60,10 @@ class SlurmTraining(submitit.helpers.Checkpointable):
         signum = getattr(signal, "SIG" + env.USR_SIG)
         submitit_handler = preemption.arm(signum)  # first: the signal may come while the libraries load
         export_distributed_env(env)
-        from dsft.cli import train_entry
+        # deferred until the signal handler is armed and the rank environment exported: dsft.run's training
+        # imports (torch, transformers) take seconds, and dsft submit imports this module without needing them
         from dsft.distributed import exit_now
+        from dsft.run import train_entry
 
         try:
             result, distributed = train_entry(self.config, [], callbacks=[preemption.PreemptionCallback()])

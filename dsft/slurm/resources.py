@@ -6,34 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from dsft.config import SlurmConfig
-from dsft.errors import ConfigError
-
-# Slurm starts the end-of-job signal this long before the time limit at the earliest; below one minute between
-# job start and signal, the signal can arrive before submitit has installed its handler (seen on these machines).
-MIN_RUN_BEFORE_SIGNAL_S = 60
-
-
-def check_slurm_config(s: SlurmConfig) -> None:
-    for key in ("nodes", "time_min", "array_parallelism"):
-        if getattr(s, key) < 1:
-            raise ConfigError(f"slurm.{key}: must be at least 1, got {getattr(s, key)}")
-    for key in ("gpus_per_node", "signal_delay_s", "max_num_timeout", "max_requeues"):
-        if getattr(s, key) < 0:
-            raise ConfigError(f"slurm.{key}: must be 0 or more, got {getattr(s, key)}")
-    for key in ("tasks_per_node", "cpus_per_task"):
-        if getattr(s, key) is not None and getattr(s, key) < 1:
-            raise ConfigError(f"slurm.{key}: must be at least 1, got {getattr(s, key)}")
-    if s.gpus_per_node and s.tasks_per_node is not None and s.tasks_per_node != s.gpus_per_node:
-        raise ConfigError(f"slurm.tasks_per_node: {s.tasks_per_node} ranks for {s.gpus_per_node} GPUs per node; dsft "
-                          "runs one rank per device (leave tasks_per_node unset, or make them equal)")
-    if s.time_min * 60 - s.signal_delay_s < MIN_RUN_BEFORE_SIGNAL_S:
-        raise ConfigError(f"slurm.signal_delay_s: {s.signal_delay_s} s before a {s.time_min} min time limit leaves "
-                          f"less than {MIN_RUN_BEFORE_SIGNAL_S} s before the signal; raise slurm.time_min or lower it")
-    for key in ("partition", "account", "qos", "constraint", "job_name", "job_dir", "mem"):
-        value = getattr(s, key)
-        if isinstance(value, str) and (not value.strip() or "\n" in value):
-            raise ConfigError(f"slurm.{key}: must be a non-empty single line, got {value!r}")
+from dsft.config import SlurmConfig, check_slurm_config
 
 
 def with_overrides(s: SlurmConfig | None, **flags: Any) -> SlurmConfig:

@@ -1,4 +1,6 @@
-"""``dsft sbatch``: render the sbatch templates in ``slurm/`` from a run config, for users who submit by hand.
+"""``dsft sbatch``: render the sbatch templates (``slurm/`` in the repo, installed as ``dsft.templates.slurm``)
+from a run config, for users who submit by hand. The scripts start the module entry (``torchrun -m dsft.run``,
+``deepspeed --module dsft.run``), so they work wherever dsft is installed, not only in a clone.
 
 Placeholders are ``{{name}}``; every value is quoted when it is put in: ``shlex.quote`` in the shell part, and in
 ``#SBATCH`` lines the quoting sbatch's own parser understands (shlex quoting, with backslashes doubled: sbatch
@@ -15,14 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dsft import templates
 from dsft.config import RunConfig
 from dsft.errors import DsftError
 from dsft.slurm.resources import per_node_launcher_resources, tasks_per_node
 
-_REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
-TEMPLATES_DIR = Path(os.environ["DSFT_SLURM_TEMPLATES"]) if os.environ.get("DSFT_SLURM_TEMPLATES") else _REPO_TEMPLATES
+TEMPLATES_DIR = templates.directory("slurm")  # or $DSFT_SLURM_TEMPLATES
 LAUNCHERS = ("torchrun", "deepspeed")
-ENTRY = Path(__file__).resolve().parents[2] / "launch" / "train.py"
+ENTRY_MODULE = "dsft.run"  # the training entry every rank runs (python -m)
 DEFAULT_PORT = 29500
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -48,11 +50,12 @@ def _executable(name: str) -> str:
 
 def render(cfg: RunConfig, config_path: str, launcher: str, overrides: list[str] = (), port: int = DEFAULT_PORT,
            job_dir: str | None = None, workdir: str | None = None, executables: dict[str, str] | None = None,
-           entry: str | None = None) -> str:
+           module: str = ENTRY_MODULE) -> str:
     """The sbatch script for ``launcher`` (torchrun | deepspeed). ``config_path`` is what the job reads at run
     time; ``overrides`` are passed on as ``--set``; the job runs in ``workdir`` (default: here), which relative
     paths in the config are relative to. When Slurm requeues the job (``--requeue``) it resumes from the newest
-    checkpoint in output_dir (``train.resume_from_checkpoint=auto`` unless the config sets it)."""
+    checkpoint in output_dir (``train.resume_from_checkpoint=auto`` unless the config sets it). The script requeues
+    itself when its step fails, and stops requeueing after ``slurm.max_requeues`` requeues of any cause."""
     if launcher not in LAUNCHERS:
         raise DsftError(f"--launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}")
     template = TEMPLATES_DIR / f"{launcher}.sbatch"
@@ -65,7 +68,10 @@ def render(cfg: RunConfig, config_path: str, launcher: str, overrides: list[str]
         job_dir = str(job_dir_of(cfg))
     options = per_node_launcher_resources(s)
     options.update({"chdir": workdir or os.getcwd(), "output": job_dir.replace("%", "%%") + "/%x-%j.out",
-                    "open_mode": "append", "requeue": True})
+                    "open_mode": "append"})
+    # the script itself stops requeueing once slurm.max_requeues is used up (SLURM_RESTART_COUNT); with a budget
+    # of 0 Slurm is not to requeue it at all
+    options["requeue" if s.max_requeues > 0 else "no_requeue"] = True
     sets = list(overrides)
     if cfg.train.get("resume_from_checkpoint") in (None, False, "auto") and not any(
             item.startswith("train.resume_from_checkpoint=") for item in sets):
@@ -78,9 +84,10 @@ def render(cfg: RunConfig, config_path: str, launcher: str, overrides: list[str]
         "job_dir": shlex.quote(job_dir),
         "torchrun": shlex.quote(executables["torchrun"]),
         "deepspeed": shlex.quote(executables["deepspeed"]),
-        "entry": shlex.quote(entry or str(ENTRY)),
+        "module": shlex.quote(module),
         "config": shlex.quote(config_path),
         "overrides": "".join(f" --set {shlex.quote(item)}" for item in sets),
+        "max_requeues": str(int(s.max_requeues)),
     }
 
     def fill(match: re.Match) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -170,6 +171,9 @@ def job_state(job_id: str) -> str:
     return states[-1] if states else "UNKNOWN"
 
 
+_SOURCE_EVAL_LOSS = re.compile(r"^eval_.+_loss$")
+
+
 def last_logged(output_dir: str | Path) -> dict:
     """The last training step/loss and eval loss in a run's dsft_log.jsonl (empty if nothing logged yet)."""
     from dsft.callbacks import LOG_FILE_NAME
@@ -186,7 +190,13 @@ def last_logged(output_dir: str | Path) -> dict:
         if "loss" in row:
             out["step"], out["loss"] = row.get("step"), row["loss"]
         if "eval_loss" in row:
-            out["eval_step"], out["eval_loss"] = row.get("step"), row["eval_loss"]
+            out["eval_step"], out["eval_loss"], out["eval_metric"] = row.get("step"), row["eval_loss"], "eval_loss"
+        elif per_source := sorted(k for k in row if _SOURCE_EVAL_LOSS.match(k)):
+            # named eval sources (data.eval entries with names) log eval_<name>_loss and no eval_loss: rank points
+            # by their mean, and say so
+            out["eval_step"] = row.get("step")
+            out["eval_loss"] = sum(row[k] for k in per_source) / len(per_source)
+            out["eval_metric"] = "mean of " + ", ".join(per_source)
     out["finished"] = (Path(output_dir) / RESOLVED_CONFIG_NAME).is_file() and _has_final_model(Path(output_dir))
     return out
 

@@ -1,6 +1,7 @@
 """``dsft sweep``: a grid or random search over config values, as ONE Slurm job array (one element per point,
 at most ``slurm.array_parallelism`` running at once), and its results table (final eval loss per point, best
-first) as markdown and CSV.
+first) as markdown and CSV. With named eval sources (no eval_loss, one eval_<name>_loss each) a point's eval loss
+is the mean of theirs; the eval_metric column says which.
 
 Layout (``<base>`` is the config's ``train.output_dir``)::
 
@@ -153,6 +154,7 @@ def collect(info: dict) -> list[dict]:
     for p in info["points"]:
         logged = last_logged(p["output_dir"])
         rows.append({"point": p["index"], **p["params"], "eval_loss": logged.get("eval_loss"),
+                     "eval_metric": logged.get("eval_metric"),  # eval_loss, or the mean of the named sources'
                      "step": logged.get("step"), "state": job_state(p["job_id"]), "job_id": p["job_id"],
                      "output_dir": p["output_dir"]})
     return sorted(rows, key=lambda r: (r["eval_loss"] is None, r["eval_loss"] or 0.0, r["point"]))

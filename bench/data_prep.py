@@ -1,0 +1,140 @@
+"""Data preparation throughput and memory (issue 11, point 3): dsft's tokens/s against the limit measured in the
+same run, with 1 and 2 worker processes, and the peak RSS.
+
+    .venv/bin/python bench/data_prep.py                 # 200k generated conversations (the goal's size)
+    .venv/bin/python bench/data_prep.py --rows 20000    # a quick run
+
+The limit: the same rows rendered with the chat template and tokenized by ONE batched call of the fast tokenizer
+(``tokenizer(texts)``), in one process, nothing else (no label location, no Arrow, no cache). Goals: dsft with 1
+process >= 0.8x the limit; with 2 processes >= 1.7x dsft with 1. Each dsft run is a fresh process (its peak RSS
+is its own; children's peak is taken from RUSAGE_CHILDREN). Tokenizer: SmolLM2-135M-Instruct from
+``.cache/dsft/models`` (``dsft prepare-demo --cache-dir .cache/dsft``). Writes bench/results/data_prep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / ".cache/dsft/models/SmolLM2-135M-Instruct"
+WORDS = ("the of and to in is was for on that with as by at from it an be this are or have not which one you all "
+         "model data train token loss rank node cache file line batch step").split()
+
+
+def generate(path: Path, rows: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+
+    def sentence(k: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + "."
+
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(rows):
+            msgs = [{"role": "system", "content": sentence(8)}] if rng.random() < 0.3 else []
+            for _ in range(rng.randint(1, 3)):
+                msgs.append({"role": "user", "content": " ".join(sentence(rng.randint(5, 20))
+                                                                 for _ in range(rng.randint(1, 4)))})
+                msgs.append({"role": "assistant", "content": " ".join(sentence(rng.randint(5, 20))
+                                                                      for _ in range(rng.randint(2, 8)))})
+            f.write(json.dumps({"messages": msgs}) + "\n")
+
+
+def limit(path: Path) -> dict:
+    """Render + one batched fast-tokenizer call, one process (reads the rows into memory first, untimed)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    chats = [json.loads(line)["messages"] for line in open(path, encoding="utf-8")]
+    t0 = time.perf_counter()
+    texts = tok.apply_chat_template(chats, tokenize=False)
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    seconds = time.perf_counter() - t0
+    tokens = sum(map(len, ids))
+    return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds)}
+
+
+def dsft_run(path: Path, cache: Path, num_proc: int, packing: bool) -> dict:
+    """prepare_data from the JSON-lines file to the finished cache, in this (fresh) process."""
+    from transformers import AutoTokenizer
+
+    from dsft.config import DataConfig
+    from dsft.data import prepare_data
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    cfg = DataConfig(train=str(path), format="messages", max_seq_len=2048, packing=packing, cache_dir=str(cache),
+                     num_proc=num_proc)
+    t0 = time.perf_counter()
+    data = prepare_data(cfg, tok)
+    seconds = time.perf_counter() - t0
+    st = data.stats["train"]
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"num_proc": num_proc, "packing": packing, "tokens": st.tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(st.tokens / seconds), "peak_rss_mb_main": round(self_kb / 1024),
+            "peak_rss_mb_worker": round(child_kb / 1024)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--workdir", default="/tmp/dsft-bench-data-prep")
+    p.add_argument("--procs", default="1,2", help="dsft worker process counts to run")
+    p.add_argument("--packing", action="store_true", help="also pack (max_seq_len 2048)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    work = Path(a.workdir)
+    data = work / f"chats-{a.rows}.jsonl"
+    if a.child:  # one measurement in a fresh process
+        kind, _, n = a.child.partition(":")
+        out = limit(data) if kind == "limit" else dsft_run(data, work / f"cache-{kind}-{n}-{time.time_ns()}",
+                                                           int(n), a.packing)
+        print(json.dumps(out))
+        return 0
+    if not TOKENIZER.is_dir():
+        print(f"no tokenizer at {TOKENIZER}: run `.venv/bin/dsft prepare-demo --cache-dir .cache/dsft` first")
+        return 1
+    work.mkdir(parents=True, exist_ok=True)
+    if not data.exists():
+        t0 = time.perf_counter()
+        generate(data, a.rows)
+        print(f"generated {a.rows} chats in {time.perf_counter() - t0:.1f} s -> {data}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_DATASETS_CACHE": str(work / "hf-datasets")}
+
+    def child(spec: str) -> dict:
+        cmd = [sys.executable, __file__, "--rows", str(a.rows), "--workdir", str(work), "--child", spec]
+        cmd += ["--packing"] if a.packing else []
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode:
+            sys.exit(proc.stderr[-3000:])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    results = {"rows": a.rows, "limit": child("limit")}
+    print(f"limit (render + one batched tokenizer call, 1 process): {results['limit']}")
+    for n in [int(x) for x in a.procs.split(",")]:
+        results[f"dsft_{n}"] = r = child(f"dsft:{n}")
+        r["x_limit"] = round(r["tokens_per_s"] / results["limit"]["tokens_per_s"], 3)
+        print(f"dsft num_proc={n}: {r}")
+    if "dsft_1" in results and "dsft_2" in results:
+        results["speedup_2_vs_1"] = round(results["dsft_2"]["tokens_per_s"] / results["dsft_1"]["tokens_per_s"], 3)
+        print(f"2 processes vs 1: {results['speedup_2_vs_1']}x")
+    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx2") if f in Path("/proc/cpuinfo").read_text()})
+    results["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+                          "flags": flags, "load_avg_at_end": os.getloadavg()}
+    out = REPO / "bench/results/data_prep.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

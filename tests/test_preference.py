@@ -1,0 +1,371 @@
+"""Preference tuning (method: dpo | kto) through TRL: config pass-through, preference rows, the reference model,
+and short runs on a toy task where the chosen answer copies the prompt and the rejected one does not."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from conftest import REPO, write_jsonl  # noqa: E402
+
+from dsft.config import from_dict, load_config, validate  # noqa: E402
+from dsft.errors import ConfigError, DataError  # noqa: E402
+
+
+def pair_rows(n: int, seed: int = 0) -> list[dict]:
+    """chosen copies the prompt's word (right); rejected is a random word of other letters (wrong)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 6)))
+        wrong = "".join(rng.choice("stuvwxyz") for _ in range(len(word)))
+        rows.append({"prompt": f"copy {word}:", "chosen": f" {word}", "rejected": f" {wrong}"})
+    return rows
+
+
+def kto_rows(pairs: list[dict]) -> list[dict]:
+    """The same pairs unpaired: each answer on its own row with a desirable / undesirable label."""
+    out = []
+    for r in pairs:
+        out += [{"prompt": r["prompt"], "completion": r["chosen"], "label": True},
+                {"prompt": r["prompt"], "completion": r["rejected"], "label": False}]
+    return out
+
+
+def _raw(tmp_path, model_dir, data, method="dpo", peft=True, **train) -> dict:
+    raw = {
+        "method": method,
+        "model": {"name_or_path": str(model_dir), "dtype": "fp32"},
+        "data": {"train": str(data), "format": "preference", "max_seq_len": 64},
+        "train": {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 8, "max_steps": 12,
+                  "learning_rate": 5e-3, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+                  "seed": 0, **train},
+    }
+    if peft:
+        raw["peft"] = {"lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+    return raw
+
+
+def _cfg(*args, **kwargs):
+    cfg = from_dict(_raw(*args, **kwargs))
+    validate(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("pref") / "pairs.jsonl", pair_rows(64))
+
+
+# --------------------------------------------------------------------------------------------------
+# config
+
+
+def test_train_section_passes_trl_fields_through_and_names_the_closest_key(tmp_path, tiny_model_dir, pairs_file):
+    from dsft.train import build_training_arguments
+
+    cfg = _cfg(tmp_path, tiny_model_dir, pairs_file, beta=0.25, loss_type="ipo", precompute_ref_log_probs=True)
+    args = build_training_arguments(cfg)
+    assert type(args).__name__ == "DPOConfig"
+    assert (args.beta, args.loss_type, args.precompute_ref_log_probs) == (0.25, ["ipo"], True)
+    # one source of truth for the length; TRL's changed defaults (bf16, checkpointing) put back to dsft's
+    assert args.max_length == 64
+    assert args.bf16 is False and args.activation_checkpointing is False
+    with pytest.raises(ConfigError, match=r"unknown key 'betta' in section 'train': did you mean 'beta'\? "
+                                          r"\(DPOConfig field\)"):
+        _cfg(tmp_path, tiny_model_dir, pairs_file, betta=0.1)
+    with pytest.raises(ConfigError, match="train.max_length: set data.max_seq_len"):
+        _cfg(tmp_path, tiny_model_dir, pairs_file, max_length=128)
+    with pytest.raises(ConfigError, match=r"'beta'.*\(TrainingArguments field\)|unknown key 'beta'"):
+        _cfg(tmp_path, tiny_model_dir, pairs_file, method="sft", beta=0.1)
+    kto = _cfg(tmp_path, tiny_model_dir, pairs_file, method="kto", desirable_weight=1.5)
+    assert type(build_training_arguments(kto)).__name__ == "KTOConfig"
+    with pytest.raises(ConfigError, match="KL term needs at least 2 rows"):
+        _cfg(tmp_path, tiny_model_dir, pairs_file, method="kto", per_device_train_batch_size=1)
+
+
+def test_method_and_data_format_must_agree(tmp_path, tiny_model_dir, pairs_file):
+    raw = _raw(tmp_path, tiny_model_dir, pairs_file)
+    raw["data"]["format"] = "prompt_completion"
+    with pytest.raises(ConfigError, match="data.train: method: dpo trains on preference data; set data.format: "
+                                          "preference"):
+        validate(from_dict(raw))
+    raw = _raw(tmp_path, tiny_model_dir, pairs_file, method="sft")
+    with pytest.raises(ConfigError, match="data.format: preference pairs train with method: dpo"):
+        validate(from_dict(raw))
+    raw = _raw(tmp_path, tiny_model_dir, pairs_file)
+    raw["method"] = "orpo"
+    with pytest.raises(ConfigError, match="method: must be one of sft, dpo, kto"):
+        from_dict(raw)
+    raw = _raw(tmp_path, tiny_model_dir, pairs_file)
+    raw["data"]["packing"] = True
+    with pytest.raises(ConfigError, match="data.packing: not with method: dpo"):
+        validate(from_dict(raw))
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+def test_text_and_conversational_rows_become_trl_columns(tmp_path, tiny_model_dir, char_tokenizer):
+    from dsft.preference import load_preference_data
+
+    chat = [{"q": [{"from": "human", "value": "copy ab:"}], "good": [{"from": "gpt", "value": "ab"}],
+             "bad": [{"from": "gpt", "value": "xy"}]}]
+    data = write_jsonl(tmp_path / "chat.jsonl", chat)
+    raw = _raw(tmp_path, tiny_model_dir, data)
+    raw["data"].update(prompt_field="q", chosen_field="good", rejected_field="bad", role_key="from",
+                       content_key="value", roles={"human": "user", "gpt": "assistant"})
+    prepared = load_preference_data(from_dict(raw), char_tokenizer)
+    assert prepared.train.column_names == ["prompt", "chosen", "rejected"]
+    assert prepared.train[0] == {"prompt": [{"role": "user", "content": "copy ab:"}],
+                                 "chosen": [{"role": "assistant", "content": "ab"}],
+                                 "rejected": [{"role": "assistant", "content": "xy"}]}
+    text = write_jsonl(tmp_path / "kto.jsonl", kto_rows(pair_rows(4)))
+    prepared = load_preference_data(from_dict(_raw(tmp_path, tiny_model_dir, text, method="kto")), char_tokenizer)
+    assert sorted(prepared.train.column_names) == ["completion", "label", "prompt"]
+    assert sum(prepared.train["label"]) == 4 and len(prepared.train) == 8
+
+
+@pytest.mark.parametrize("method,bad,message", [
+    ("dpo", {"prompt": "p", "chosen": "a"}, "missing field 'rejected'"),
+    ("dpo", {"prompt": "p", "chosen": " a", "rejected": " a"}, "'chosen' and 'rejected' are the same answer"),
+    ("dpo", {"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},
+     "field 'chosen' is a list of messages while the prompt is text"),
+    ("dpo", {"prompt": [{"role": "boss", "content": "p"}], "chosen": [{"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "assistant", "content": "b"}]}, "field 'prompt' message 0 has role 'boss'"),
+    ("kto", {"prompt": "p", "completion": "a", "label": "yes"}, "field 'label' must be true"),
+])
+def test_a_bad_row_is_named_by_file_and_line(tmp_path, tiny_model_dir, char_tokenizer, method, bad, message):
+    from dsft.preference import load_preference_data
+
+    good = pair_rows(3) if method == "dpo" else kto_rows(pair_rows(2))
+    path = tmp_path / "rows.jsonl"
+    # a blank line before the bad row: line numbers are the file's, not the row index
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + "\n" + json.dumps(bad) + "\n")
+    cfg = from_dict(_raw(tmp_path, tiny_model_dir, path, method=method))
+    line = len(good) + 2
+    with pytest.raises(DataError, match=rf"^{path}: line {line}: {message}"):
+        load_preference_data(cfg, char_tokenizer)
+
+
+@pytest.mark.integration
+def test_cli_reports_a_bad_preference_row_in_one_line(tmp_path, tiny_model_dir):
+    path = write_jsonl(tmp_path / "rows.jsonl", pair_rows(3) + [{"prompt": "p", "chosen": "a", "rejected": 3}])
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(_raw(tmp_path, tiny_model_dir, path)))  # JSON is YAML
+    proc = subprocess.run([sys.executable, "-m", "dsft", "train", str(config)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dsft: error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert errors == [f"dsft: error: {path}: line 4: field 'rejected' must be text or a non-empty list of messages"]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "dsft_config.yaml").exists()  # nothing written before the data was checked
+
+
+# --------------------------------------------------------------------------------------------------
+# reference model
+
+
+def _llama_instances() -> int:
+    from transformers import LlamaForCausalLM
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, LlamaForCausalLM))
+
+
+def test_lora_dpo_keeps_no_second_copy_and_full_dpo_a_frozen_identical_one(tmp_path, tiny_model_dir, pairs_file):
+    from dsft.train import build_trainer
+
+    before = _llama_instances()
+    trainer, _ = build_trainer(_cfg(tmp_path, tiny_model_dir, pairs_file))
+    assert trainer.ref_model is None
+    assert _llama_instances() - before == 1  # the policy only: the reference is it with the adapter disabled
+    base = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" not in n)
+    lora = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" in n)
+    expected_base = sum(t.numel() for t in _safetensors(tiny_model_dir).values())
+    assert base == expected_base and 0 < lora < base / 2  # no "ref" adapter copy either
+    assert lora == sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    del trainer
+    gc.collect()
+
+    # full fine-tuning: a frozen copy, identical to the policy even for random (from_config) weights with overrides
+    raw = _raw(tmp_path, tiny_model_dir, pairs_file, peft=False)
+    raw["model"].update(init="from_config", config_overrides={"num_hidden_layers": 1})
+    cfg = from_dict(raw)
+    validate(cfg)
+    before = _llama_instances()
+    trainer, _ = build_trainer(cfg)
+    assert _llama_instances() - before == 2
+    ref = trainer.ref_model
+    assert ref is not None and not any(p.requires_grad for p in ref.parameters())
+    policy = dict(trainer.model.named_parameters())
+    assert len(policy) == len(dict(ref.named_parameters())) and ref.config.num_hidden_layers == 1
+    for name, p in ref.named_parameters():
+        assert torch.equal(p, policy[name]), name
+
+
+def _safetensors(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+def _train_logs(history: list[dict]) -> list[dict]:
+    return [r for r in history if "loss" in r]
+
+
+@pytest.mark.integration
+def test_lora_dpo_learns_the_preference(tmp_path, tiny_model_dir, pairs_file):
+    from dsft.train import run
+
+    result = run(_cfg(tmp_path, tiny_model_dir, pairs_file))
+    logs = _train_logs(result.log_history)
+    assert len(logs) == 12
+    accuracy = [r["rewards/accuracies"] for r in logs]
+    margins = [r["rewards/margins"] for r in logs]
+    # the last 3 steps (24 pairs) rank chosen over rejected on > 80 % of pairs, and the margin has grown
+    assert sum(accuracy[-3:]) / 3 > 0.8, accuracy
+    assert sum(margins[-3:]) / 3 > 2 * max(sum(margins[:2]) / 2, 1e-3), margins
+    assert logs[-1]["loss"] < logs[0]["loss"] < math.log(2) + 1e-3
+    out = tmp_path / "out"
+    # dsft's MetricsCallback is on the trainer: its log has the reward curves and the throughput
+    logged = [json.loads(line) for line in (out / "dsft_log.jsonl").read_text().splitlines()]
+    assert all("tokens_per_second_per_device" in r and "rewards/margins" in r for r in logged if "loss" in r)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "dsft_done.json").is_file()
+    (tmp_path / "curves.json").write_text(json.dumps(logs))  # for docs/preference.md
+
+
+@pytest.mark.integration
+def test_kto_trains_on_the_same_data_unpaired(tmp_path, tiny_model_dir):
+    from dsft.train import run
+
+    data = write_jsonl(tmp_path / "kto.jsonl", kto_rows(pair_rows(64)))
+    result = run(_cfg(tmp_path, tiny_model_dir, data, method="kto", max_steps=10))
+    logs = _train_logs(result.log_history)
+    losses = [r["loss"] for r in logs]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    assert all("kl" in r for r in logs)
+    # desirable answers gain reward over undesirable ones
+    assert logs[-1]["rewards/chosen"] > logs[-1]["rewards/rejected"]
+
+
+@pytest.mark.integration
+def test_resume_from_a_checkpoint_reproduces_the_next_steps(tmp_path, tiny_model_dir, pairs_file):
+    from dsft.checkpoint import is_complete
+    from dsft.train import run
+
+    first = run(_cfg(tmp_path, tiny_model_dir, pairs_file, max_steps=6, save_strategy="steps", save_steps=3))
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    assert is_complete(checkpoint)
+    # a second output dir holding only checkpoint-3: resume: auto picks it up
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    shutil.copytree(checkpoint, second_dir / "checkpoint-3")
+    raw = _raw(tmp_path, tiny_model_dir, pairs_file, max_steps=6, save_strategy="steps", save_steps=3,
+               resume_from_checkpoint="auto")
+    raw["train"]["output_dir"] = str(second_dir)
+    cfg = from_dict(raw)
+    validate(cfg)
+    second = run(cfg)
+    a = {r["step"]: r["loss"] for r in first.log_history if "loss" in r and "step" in r}
+    b = {r["step"]: r["loss"] for r in second.log_history if "loss" in r and "step" in r}
+    # it resumed (steps 1-3 come from the checkpoint's trainer state; this run logged only 4-6)
+    resumed = [json.loads(line)["step"] for line in (second_dir / "dsft_log.jsonl").read_text().splitlines()]
+    assert [s for s in resumed if s <= 6] == [4, 5, 6, 6]  # the last is the train summary
+    for step in (4, 5, 6):
+        assert abs(a[step] - b[step]) <= 1e-3 * abs(a[step]), (step, a[step], b[step])
+
+
+@pytest.mark.integration
+def test_qlora_dpo_trains_with_the_4bit_base_as_reference(tmp_path, tiny_model_dir, pairs_file):
+    """peft.quantization: {} (NF4, compute in the model dtype fp32, so no bound depends on the CPU's bf16)."""
+    import bitsandbytes as bnb
+
+    from dsft.train import build_trainer
+
+    raw = _raw(tmp_path, tiny_model_dir, pairs_file, max_steps=6)
+    raw["peft"]["quantization"] = {}
+    cfg = from_dict(raw)
+    validate(cfg)
+    trainer, _ = build_trainer(cfg)
+    assert trainer.ref_model is None  # the reference is the 4-bit base with the adapter disabled
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules()) == 7 * 2
+    trainable = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, _ in trainable)
+    # TRL's choice for quantized models (QLoRA paper): trainable adapter weights in bf16
+    assert {p.dtype for _, p in trainable} == {torch.bfloat16}
+    result = trainer.train()
+    logs = _train_logs(trainer.state.log_history)
+    assert len(logs) == 6 and result.global_step == 6
+    assert abs(logs[0]["loss"] - math.log(2)) < 1e-3 and logs[0]["rewards/margins"] == 0
+    assert all(math.isfinite(r["loss"]) for r in logs)
+    assert sum(r["rewards/accuracies"] for r in logs[-3:]) / 3 > 0.8, logs
+    assert logs[-1]["rewards/margins"] > 0.05 and logs[-1]["loss"] < logs[0]["loss"] - 0.02, logs
+    trainer.save_model(str(tmp_path / "adapter"))
+    saved = _safetensors_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)  # only the adapter is written
+
+
+def _safetensors_file(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_config_file_with_method_dpo_loads(tmp_path, tiny_model_dir, pairs_file):
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(_raw(tmp_path, tiny_model_dir, pairs_file, beta=0.2)))
+    assert load_config(path, ["train.loss_type=robust", "train.label_smoothing=0.1"]).train["loss_type"] == "robust"
+
+
+# --------------------------------------------------------------------------------------------------
+# full-fine-tuning DPO under ZeRO-3 on 2 ranks: the reference copy is partitioned like the policy
+
+
+@pytest.mark.integration
+def test_zero3_full_dpo_on_two_ranks_partitions_the_reference_too(tmp_path, tiny_model_dir, pairs_file):
+    from test_distributed import BIN, _run, free_port
+
+    raw = _raw(tmp_path, tiny_model_dir, pairs_file, peft=False, per_device_train_batch_size=4, max_steps=3,
+               learning_rate=1e-3)
+    raw["deepspeed"] = "zero3"
+    # every policy parameter partitioned (TRL sets the reference engine's own threshold: 10 x hidden size)
+    raw["deepspeed_overrides"] = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(raw))
+    _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+          str(free_port()), "tests/run_configs.py", str(config)], timeout=600)
+    out = tmp_path / "out"
+    info = json.loads((out / "dsft_run_info.json").read_text())
+    assert info["world_size"] == 2 and info["deepspeed_zero_stage"] == 3 and len(info["ranks"]) == 2
+    n = sum(t.numel() for t in _safetensors(tiny_model_dir).values())
+    for r in info["ranks"]:
+        assert r["param_elements_total"] == r["ref_param_elements_total"] == n, r
+        # each rank holds about half of each model (a whole copy on a rank would be share 1.0)
+        for key in ("param_elements_held", "ref_param_elements_held"):
+            assert 0.45 < r[key] / n < 0.55, (key, r)
+    print("elements held per rank (policy, reference) of", n, ":",
+          [(r["param_elements_held"], r["ref_param_elements_held"]) for r in info["ranks"]])
+    logs = [json.loads(line) for line in (out / "dsft_log.jsonl").read_text().splitlines()]
+    logs = [r for r in logs if "loss" in r]
+    assert len(logs) == 3
+    # the partitioned reference gathers its weights for its forward: at step 1 it equals the policy (loss log 2,
+    # zero rewards); then the chosen answers gain on the rejected ones
+    assert abs(logs[0]["loss"] - math.log(2)) < 1e-4 and logs[0]["rewards/margins"] == 0
+    assert logs[-1]["rewards/margins"] > 0 and logs[-1]["loss"] < logs[0]["loss"]
