@@ -8,7 +8,8 @@ round by round so that other load on a shared machine hits each mode alike:
   bf16            model.dtype bf16, train.bf16 true  (bf16 frozen weights, autocast; what `auto` picks)
   fp32+autocast   model.dtype fp32, train.bf16 true  (fp32 weights cast to bf16 on every forward)
 Reports the median wall time and process CPU time per step, and tokens per wall / CPU second. CPU time is the
-fairer figure on a loaded machine (wall time counts the time other processes held the cores).
+fairer figure on a loaded machine (wall time counts the time other processes held the cores) -- with --threads 1:
+with 2 threads on 2 busy cores, OpenMP's spin-waiting counted as CPU time and hid a 1.7x difference.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -65,6 +67,7 @@ def main() -> None:
             step(*built[name], ids, positions, autocast)
             wall[name].append(time.perf_counter() - w0)
             cpu[name].append(time.process_time() - c0)
+            print(f"{name}: {wall[name][-1]:.1f} s wall, {cpu[name][-1]:.1f} s CPU", file=sys.stderr, flush=True)
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
     out = {"cpu_flags": flags, "native_bf16": native_bf16(), "threads": torch.get_num_threads(), "seq": a.seq,
            "steps": a.steps, "modes": {}}

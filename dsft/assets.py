@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.errors import DsftError
+from dsft.fsutil import write_if_changed
 
 log = logging.getLogger(__name__)
 
@@ -228,25 +229,6 @@ def _publish_dir(tmp: Path, out: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _write_atomic(path: Path, data: str) -> bool:
-    """Write ``data`` to ``path`` via a temp file and rename; skip if identical. True if written."""
-    encoded = data.encode("utf-8")
-    # Leaving identical files untouched keeps their mtime, so downstream caches stay valid.
-    if path.is_file() and path.read_bytes() == encoded:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-    try:
-        # open(..., "xb") honours the umask, unlike mkstemp's fixed 0600.
-        with open(tmp, "xb") as f:
-            f.write(encoded)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return True
-
-
 def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -272,8 +254,8 @@ def write_humaneval(out_dir: str | os.PathLike, eval_count: int = 16, seed: int 
 
     out = Path(out_dir)
     train_path, eval_path = out / "train.jsonl", out / "eval.jsonl"
-    _write_atomic(train_path, _jsonl(train))
-    _write_atomic(eval_path, _jsonl(evals))
+    write_if_changed(train_path, _jsonl(train))
+    write_if_changed(eval_path, _jsonl(evals))
     return {"train": train_path, "eval": eval_path, "train_rows": len(train), "eval_rows": len(evals),
             "eval_task_ids": eval_ids, "heldout_task_id": eval_ids[0], "heldout_prompt": evals[0]["prompt"]}
 
@@ -363,8 +345,8 @@ def write_chatterbot(out_dir: str | os.PathLike, language: str = "english", eval
     evals = [{"messages": m} for i, m in enumerate(chats) if i in held]
     out = Path(out_dir)
     train_path, eval_path = out / "train.jsonl", out / "eval.jsonl"
-    _write_atomic(train_path, _jsonl(train))
-    _write_atomic(eval_path, _jsonl(evals))
+    write_if_changed(train_path, _jsonl(train))
+    write_if_changed(eval_path, _jsonl(evals))
     return {"train": train_path, "eval": eval_path, "train_conversations": len(train),
             "eval_conversations": len(evals), "files": len(files), "skipped_malformed": counts["malformed"],
             "skipped_short": counts["short"], "skipped_duplicates": counts["duplicate"],
@@ -378,7 +360,7 @@ def prepare_demo(cache_dir: str | os.PathLike) -> dict[str, Any]:
     # Data first: it takes a second and surfaces a missing package before the minute-long conversion.
     he = write_humaneval(cache / "data" / "humaneval")
     prompt_file = cache / "data" / "humaneval" / "heldout_prompt.txt"
-    _write_atomic(prompt_file, he["heldout_prompt"])
+    write_if_changed(prompt_file, he["heldout_prompt"])
     chat = write_chatterbot(cache / "data" / "chatterbot")
     model = prepare_smollm2(cache / "models" / "SmolLM2-135M-Instruct")
     return {

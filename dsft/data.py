@@ -36,6 +36,7 @@ from dsft.data_formats import (
     text_field,
 )
 from dsft.errors import DataError
+from dsft.fsutil import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -784,12 +785,7 @@ def log_prepared(data: PreparedData, log: logging.Logger = logger) -> None:
 
 def write_composition(data: PreparedData, output_dir: str | os.PathLike) -> Path:
     """Copy the composition used by this run into output_dir (dsft_data_composition.json)."""
-    target = Path(output_dir) / COMPOSITION_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data.composition, indent=2), encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    return atomic_write_json(Path(output_dir) / COMPOSITION_NAME, data.composition, indent=2)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from dsft.errors import DsftError
+from dsft.fsutil import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +67,7 @@ def status_paths(target: Path, tag: str | None = None) -> tuple[Path, Path]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)  # readers never see half a file
+    atomic_write_json(path, data)  # readers never see half a file
 
 
 def _read_json(path: Path) -> dict | None:

@@ -293,7 +293,8 @@ def resolve_auto(ds: dict, cfg: RunConfig, world_size: int, hidden_size: int | N
     class _StandInModel:
         config = model_config
 
-    args = _hf_args_view(cfg, world_size)
+    # sequence parallelism: accelerate sets train_batch_size from the data-parallel size (world / sp) at engine start
+    args = _hf_args_view(cfg, max(1, world_size // cfg.parallel.sequence))
     previous = hf_ds._hf_deepspeed_config_weak_ref
     try:
         # HfDeepSpeedConfig registers itself as the process-wide DeepSpeed config (a weakref that from_pretrained
@@ -401,13 +402,29 @@ def lint(cfg: RunConfig, ds: dict, world_size: int, devices_per_node: int,
     if _is_int(accum) and accum != accum_run:
         add("error", "deepspeed.gradient_accumulation_steps",
             f"{accum} but train.gradient_accumulation_steps is {accum_run}; set it to \"auto\"", "batch")
+    # with sequence parallelism the sp ranks of a group share each row: data-parallel size = world / sp
+    sp = cfg.parallel.sequence
+    if sp > 1 and world_size % sp:
+        add("error", "parallel.sequence", f"{sp} does not divide the world size {world_size} (world = data-parallel "
+            "x sequence-parallel)", "sequence_parallel")
+    dp = max(1, world_size // sp)
     if _is_int(total):
         m = micro if _is_int(micro) else micro_run
         a = accum if _is_int(accum) else accum_run
-        if total != m * a * world_size:
+        what = f"data-parallel size {dp} (world {world_size} / sequence {sp})" if sp > 1 else f"world size {dp}"
+        if total != m * a * dp:
             add("error", "deepspeed.train_batch_size",
-                f"{total} != micro batch {m} x accumulation {a} x world size {world_size} = {m * a * world_size}; "
+                f"{total} != micro batch {m} x accumulation {a} x {what} = {m * a * dp}; "
                 "set it to \"auto\"", "batch")
+    if sp > 1 and stage == 0:
+        add("error", "parallel.sequence", "needs ZeRO stage 1, 2 or 3 (stage 0's gradient averaging under "
+            "sequence parallelism is not verified); use zero2 or zero3", "sequence_parallel")
+    if sp > 1 and stage in (1, 2) and get_path(ds, "zero_optimization.reduce_scatter") is True \
+            and "reduce_scatter" in (cfg.deepspeed_overrides.get("zero_optimization") or {}):
+        add("error", "deepspeed.zero_optimization.reduce_scatter", "true with parallel.sequence under ZeRO-1/2: "
+            "DeepSpeed then sums the sequence-parallel ranks' gradients without averaging them (sp x too large); "
+            "dsft turns reduce_scatter off and sets gradient_predivide_factor to fix it -- remove the override",
+            "sequence_parallel")
 
     # precision
     ds_bf16, ds_fp16 = get_path(ds, "bf16.enabled"), get_path(ds, "fp16.enabled")
@@ -583,6 +600,8 @@ def prepare_for_run(cfg: RunConfig, world_size: int, devices_per_node: int,
 
     ds = fill_dsft_placeholders(load_ds_config(cfg.deepspeed, cfg.deepspeed_overrides), devices_per_node)
     findings = lint(cfg, ds, world_size, devices_per_node, device_memory_bytes)
+    if not [f for f in findings if f.level == "error"]:
+        ds = sequence_parallel_gradient_fix(ds, cfg.parallel.sequence, world_size)
     errors = [f for f in findings if f.level == "error"]
     for f in findings:
         if f.level != "error":
@@ -590,3 +609,20 @@ def prepare_for_run(cfg: RunConfig, world_size: int, devices_per_node: int,
     if errors:
         raise ConfigError("\n".join(f"deepspeed {f.key}: {f.message}" for f in errors))
     return ds
+
+
+def sequence_parallel_gradient_fix(ds: dict, sequence: int, world_size: int) -> dict:
+    """ZeRO-1/2 under sequence parallelism (DeepSpeed 0.19.8 + transformers 5.23): every SP rank back-propagates
+    the group's whole loss, and ZeRO-1/2's reduction divides the summed gradients by world / sp instead of world,
+    so the gradients come out sp times too large (measured with SGD, 2 ranks sp=2: grad norm 8.08 vs 4.04 for
+    1 rank, and the losses diverge; AdamW with clipping hides most of it, being scale-invariant). ZeRO-3 averages
+    right. Fix: pre-divide by the whole world (gradient_predivide_factor = world), which DeepSpeed honours only
+    with reduce_scatter off; then no post-scaling is applied. Proven in tests/test_sequence_parallel.py."""
+    if sequence <= 1 or zero_stage(ds) not in (1, 2):
+        return ds
+    import copy
+
+    out = copy.deepcopy(ds)
+    out["gradient_predivide_factor"] = float(world_size)
+    out.setdefault("zero_optimization", {})["reduce_scatter"] = False
+    return out

@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from collections import deque
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from dsft.checkpoint import atomic_write_text, latest_complete_checkpoint, mark_complete, rotate_complete
-from dsft.config import RESOLVED_CONFIG_NAME
+from dsft.checkpoint import finish_saved_checkpoint, latest_complete_checkpoint
 from dsft.errors import DsftError
+from dsft.fsutil import atomic_write_text
 
 logger = logging.getLogger("dsft")
 
@@ -44,7 +43,8 @@ def barrier() -> None:
 class CompleteCheckpointCallback(TrainerCallback):
     """After the Trainer has written ``checkpoint-N`` (``on_save`` runs on every rank once its
     ``_save_checkpoint`` returned), wait for all ranks, then the saving process copies the resolved config
-    into the checkpoint and writes ``dsft_complete.json`` atomically (files fsynced first).
+    into the checkpoint and writes ``dsft_complete.json`` atomically (files fsynced first): the bookkeeping is
+    ``dsft.checkpoint.finish_saved_checkpoint``; this class only ties it to the Trainer's events.
 
     ``save_total_limit`` is applied here instead of by the Trainer (dsft takes it out of TrainingArguments):
     the Trainer rotates before this marker exists, so with a limit of 1 a crash right after its rotation
@@ -55,17 +55,11 @@ class CompleteCheckpointCallback(TrainerCallback):
         self.save_total_limit = save_total_limit
 
     def on_save(self, args, state, control, **kwargs):
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         barrier()  # every rank's shards, RNG states and trainer state are on disk
-        if not args.should_save or not checkpoint.is_dir():
-            return
-        resolved = Path(args.output_dir) / RESOLVED_CONFIG_NAME
-        if resolved.is_file():  # a resume from this checkpoint compares against the config that wrote it
-            shutil.copyfile(resolved, checkpoint / RESOLVED_CONFIG_NAME)
-        mark_complete(checkpoint, {"world_size": args.world_size, "epoch": state.epoch})
-        for path in rotate_complete(args.output_dir, self.save_total_limit,
-                                    protect=(state.best_model_checkpoint, str(checkpoint))):
-            logger.info("deleted %s (save_total_limit=%s)", path, self.save_total_limit)
+        if args.should_save:
+            finish_saved_checkpoint(args.output_dir, state.global_step,
+                                    {"world_size": args.world_size, "epoch": state.epoch},
+                                    self.save_total_limit, best=state.best_model_checkpoint)
 
 
 def _finite(value) -> bool:

@@ -89,6 +89,7 @@ def chunked_causal_lm_loss(
     ``hidden``: [batch, seq, hidden] final hidden states. Returns (loss, per-row [batch, 2] (summed NLL, counted
     tokens) when ``row_sums`` else None).
     """
+    given_shift_labels = shift_labels is not None
     if shift_labels is None:
         # as ForCausalLMLoss: position t predicts label t+1; the last position of every row predicts nothing
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -116,6 +117,11 @@ def chunked_causal_lm_loss(
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)
         loss = total / num_items_in_batch
+    elif given_shift_labels:
+        # Sequence parallelism (transformers' deepspeed_sp_compute_loss passes shift_labels, no num_items_in_batch)
+        # weights each rank's mean by its counted tokens; a rank whose slice holds only prompt tokens has none and
+        # must give 0, not 0/0: a nan there would reach every rank's gradients through the weighted all-gather.
+        loss = total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
     else:
         loss = total / (flat_labels != IGNORE_INDEX).sum()  # the mean over counted tokens (nan if none, as stock)
     rows = None

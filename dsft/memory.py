@@ -10,13 +10,14 @@ buffers ZeRO builds behind parameter views are not double counted.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
+
+from dsft.fsutil import atomic_write_json
 
 MODEL_STATES_NAME = "dsft_model_states.json"
 
@@ -104,10 +105,7 @@ class ModelStateBytesCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         rank = args.process_index
         path = Path(args.output_dir) / (MODEL_STATES_NAME + (f".rank{rank}" if rank else ""))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         from dsft.callbacks import peak_memory_bytes
 
         record = dict(self.peak, rank=rank, pid=os.getpid(), peak_memory_bytes=peak_memory_bytes())
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, path)
+        atomic_write_json(path, record, indent=2)

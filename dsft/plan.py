@@ -378,18 +378,34 @@ def layer_activation_bytes(shape: ModelShape, prec: Precision, seq_len: int, att
 
 
 def activation_bytes(shape: ModelShape, prec: Precision, micro_batch: int, seq_len: int, checkpointing: bool,
-                     attn: str = "sdpa", lora_dropout: float = 0.0) -> dict[str, float]:
+                     attn: str = "sdpa", lora_dropout: float = 0.0, chunk_tokens: int | None = None,
+                     sequence: int = 1) -> dict[str, float]:
     """Activation memory of one micro-batch. ``saved_forward``: what autograd holds at the end of the forward
     pass; ``total``: the peak at the start of backward, which adds the loss's gradients over the vocabulary (and
-    with checkpointing, the recomputed layer)."""
-    tokens = micro_batch * seq_len
+    with checkpointing, the recomputed layer).
+
+    ``chunk_tokens``: the chunked loss (dsft.loss) keeps per token only the final hidden state and its NLL; the
+    vocabulary-wide tensors exist for one chunk at a time (logits, log-softmax and their gradients, recomputed in
+    backward). ``sequence``: sequence parallelism puts seq_len / sequence tokens of each row on a rank; attention
+    runs without a mask there (DeepSpeed drops it), on the full row for heads / sequence -- the same bytes per
+    local token for q, k, v and the output."""
+    tokens = micro_batch * -(-seq_len // max(1, sequence))
     full = shape.frozen_matmul_params == 0
     per_layer = layer_activation_bytes(shape, prec, seq_len, attn, lora_dropout, full)
+    if sequence > 1 and attn == "sdpa":
+        per_layer -= prec.compute_bytes * seq_len  # no float mask: DeepSpeed's Ulysses wrapper drops it
     r = prec.weight_bytes if prec.weight_bytes in (2, 4) else 2
     layers_saved = shape.layers * (r * shape.hidden if checkpointing else per_layer)
     recompute = per_layer if checkpointing else 0  # one layer's full set while it is recomputed
     final_norm = 4 * shape.hidden + 4 + (r * shape.hidden if full else 0) + (
         prec.compute_bytes * shape.hidden if prec.autocast and full else 0)
+    if chunk_tokens:
+        saved_loss = final_norm + 4  # the hidden state the chunks read, and the fp32 NLL per token
+        saved = (layers_saved + saved_loss) * tokens
+        # one chunk at a time: fp32 logits + log-softmax in forward; recomputed logits and two gradients in backward
+        chunk = 16 * shape.vocab * min(chunk_tokens, tokens)
+        return {"per_layer_per_token": per_layer, "saved_forward": saved,
+                "total": saved + max(chunk, recompute * tokens)}
     saved_loss = 4 * shape.vocab + final_norm  # cross_entropy keeps the fp32 log-softmax
     backward = 8 * shape.vocab  # at the start of backward: its gradient and the logits' gradient
     saved = (layers_saved + saved_loss) * tokens
@@ -462,8 +478,12 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
 
     # TRL's DPOTrainer runs chosen and rejected of each pair in one forward: two sequences per row of the micro-batch
     rows = setup.micro_batch * (2 if cfg.method == "dpo" else 1)
+    # the chunked loss replaces the SFT loss only (DPO / KTO compute TRL's losses from full logits)
+    chunk = cfg.loss.chunk_tokens if cfg.loss.impl == "chunked" and cfg.method == "sft" else None
+    sp = cfg.parallel.sequence
     acts = activation_bytes(shape, prec, rows, _seq_len(cfg), setup.activation_checkpointing,
-                            cfg.model.attn_implementation, cfg.peft.lora.dropout if cfg.peft is not None else 0.0)
+                            cfg.model.attn_implementation, cfg.peft.lora.dropout if cfg.peft is not None else 0.0,
+                            chunk_tokens=chunk, sequence=sp)
     act = acts["total"]
     act += autocast_weight_copies(shape, prec, setup.activation_checkpointing)
 
@@ -497,7 +517,7 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
     # At the end of backward: every gradient, the embedding's dense gradient before it is added into the (tied)
     # weight's, and with checkpointing the first layer recomputed.
     embedding_grad = shape.embedding_params * prec.weight_bytes if shape.frozen_matmul_params == 0 else 0
-    recomputed = acts["per_layer_per_token"] * rows * _seq_len(cfg) if setup.activation_checkpointing \
+    recomputed = acts["per_layer_per_token"] * rows * -(-_seq_len(cfg) // sp) if setup.activation_checkpointing \
         else 0
     # DPO / KTO with full fine-tuning keep a frozen reference copy (weights only) from load to the end: ZeRO-3
     # partitions it like the policy; below stage 3 TRL wraps it in a stage-0 engine, whole on every rank

@@ -291,7 +291,8 @@ def build_preference_trainer(cfg: RunConfig, args):
         logger.info("%s reference model: a frozen copy of the initial weights%s", cfg.method,
                     " (ZeRO-3: partitioned like the policy)" if _zero3() else "")
 
-    callbacks: list[Any] = [MetricsCallback(), CompleteCheckpointCallback(cfg.train.get("save_total_limit"))]
+    callbacks: list[Any] = [MetricsCallback(*extra_forwards(cfg.method, args)),
+                            CompleteCheckpointCallback(cfg.train.get("save_total_limit"))]
     guard = NonFiniteGuard(cfg.guard.max_nonfinite_steps) if cfg.guard.max_nonfinite_steps else None
     if guard is not None:
         callbacks.append(guard)
@@ -313,6 +314,17 @@ def build_preference_trainer(cfg: RunConfig, args):
     if guard is not None:
         guard.accelerator = trainer.accelerator
     return trainer, data
+
+
+def extra_forwards(method: str, args) -> tuple[int, int]:
+    """(reference forwards, extra policy forwards) without a backward over each trained token, for the FLOPs per
+    token behind MFU. DPO: the reference scores the same chosen + rejected sequences. KTO: the reference scores the
+    completions, and for its KL estimate (every loss_type but apo_zero_unpaired) the policy and the reference score
+    as many mismatched prompt + completion sequences. Precomputed reference log-probs cost no forward per step."""
+    reference = 0 if args.precompute_ref_log_probs else 1
+    if method == "kto" and args.loss_type != "apo_zero_unpaired":
+        return 2 * reference, 1
+    return reference, 0
 
 
 def _zero3() -> bool:

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from dsft.callbacks import LOG_FILE_NAME
+from dsft.config import LOG_FILE_NAME
 from dsft.errors import DsftError
 
 

@@ -1,5 +1,6 @@
 """Before a run touches its output_dir: is it resuming a checkpoint written with the same model, data and
-adapter? Does the dir hold a finished run, or checkpoints a fresh start would overwrite?
+adapter? Does the dir hold a finished run, or checkpoints a fresh start would overwrite? (Which checkpoint a
+run resumes from, and which ones are complete, is dsft.checkpoint's.)
 
 Everything here runs before any heavy work and raises ``ConfigError`` (exit code 2, one line) when the run
 would mix two runs or overwrite saved work; ``--force`` / ``--overwrite`` are the explicit ways past it.
@@ -7,6 +8,7 @@ would mix two runs or overwrite saved work; ``--force`` / ``--overwrite`` are th
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -14,18 +16,12 @@ import shutil
 import time
 from pathlib import Path
 
-from dsft.checkpoint import (
-    COMPLETE_MARKER,
-    PARTIAL_DIR,
-    atomic_write_text,
-    checkpoint_step,
-    is_complete,
-    latest_complete_checkpoint,
-    list_checkpoints,
-    set_aside_incomplete,
-)
+from dsft.checkpoint import (COMPLETE_MARKER, PARTIAL_DIR, checkpoint_step, is_complete, list_checkpoints,
+                             set_aside_incomplete)
 from dsft.config import RESOLVED_CONFIG_NAME, RunConfig, from_dict, read_yaml, resolved_dict
+from dsft.data_formats import CHAT_DEFAULTS
 from dsft.errors import ConfigError
+from dsft.fsutil import atomic_write_text
 
 logger = logging.getLogger("dsft")
 
@@ -65,10 +61,6 @@ def effective_data(config: dict) -> dict:
     mapping). messages_field / role_key / content_key changed their default from "messages"/"role"/"content" to
     "this format's default" (null) when sharegpt arrived: a checkpoint saved with ``messages_field: messages``
     reads the same rows as today's null under format messages, so compare what each config resolves to."""
-    import copy
-
-    from dsft.data_formats import CHAT_DEFAULTS
-
     data = config.get("data")
     if not isinstance(data, dict):
         return config
@@ -211,31 +203,3 @@ def mark_finished(output_dir: str | os.PathLike, info: dict) -> Path:
     """Record that the run in output_dir finished (final model saved); later runs refuse to train over it."""
     record = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
     return atomic_write_text(Path(output_dir) / DONE_MARKER, json.dumps(record, indent=1, default=str))
-
-
-def pick_complete_checkpoint(output_dir: str | os.PathLike, required: bool) -> str | None:
-    """The newest complete checkpoint in output_dir (train.resume_from_checkpoint last/auto), warning about
-    every newer incomplete one it skips; None if there is none and ``required`` is false."""
-    last, skipped = latest_complete_checkpoint(output_dir)
-    for path in skipped:
-        logger.warning("skipping %s: it is incomplete (no valid %s; the run stopped while writing it)",
-                       path, COMPLETE_MARKER)
-    if last is None and required:
-        found = f" (only incomplete ones: {', '.join(p.name for p in skipped)})" if skipped else ""
-        raise ConfigError(f"train.resume_from_checkpoint: no complete checkpoint-* directory in {output_dir}{found}")
-    return str(last) if last else None
-
-
-def check_explicit_checkpoint(path: str | os.PathLike) -> None:
-    """A checkpoint named by path: refuse one that was visibly cut short; warn about one without a marker
-    (written by another tool or an older dsft)."""
-    path = Path(path)
-    if is_complete(path):
-        return
-    if (path / COMPLETE_MARKER).is_file():
-        raise ConfigError(f"train.resume_from_checkpoint: {path} is damaged: files listed in its {COMPLETE_MARKER} "
-                          "are missing or have changed size")
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"train.resume_from_checkpoint: {path} is incomplete (no {COMPLETE_MARKER} and no "
-                          "trainer_state.json: the run stopped while writing it); resume from an earlier checkpoint")
-    logger.warning("%s has no %s (not written by this dsft); resuming from it anyway", path, COMPLETE_MARKER)

@@ -96,8 +96,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return train_and_report(a.config, a.set, force=a.force, overwrite=a.overwrite)
     except DsftError as e:
-        print(f"dsft: error: {e}", file=sys.stderr)
+        report_error(e)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # a failed multi-rank run can abort in interpreter teardown as a finished one can (see exit_now),
+            # turning dsft's exit status into a SIGABRT
+            from dsft.distributed import exit_now  # deferred: torch (see train_entry)
+
+            exit_now(e.exit_code)
         return e.exit_code
+
+
+def report_error(e: DsftError) -> None:
+    """One ``dsft: error:`` line. Config and data errors are the same on every rank of a launch (each rank reads
+    the same files), so only rank 0 prints them; any other error may be this rank's alone and is printed."""
+    from dsft.errors import ConfigError, DataError
+
+    if isinstance(e, (ConfigError, DataError)) and int(os.environ.get("RANK", "0")) != 0:
+        return
+    print(f"dsft: error: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ import torch
 from transformers import TrainerCallback
 
 from dsft.callbacks import MetricsCallback, compute_metrics, preprocess_logits_for_metrics
+from dsft.checkpoint import resolve_resume, saved_world_size, to_universal
 from dsft.config import RunConfig, training_arguments_kwargs, write_resolved
 from dsft.distributed import (Topology, accelerator_is_cpu, check_world_agreement, configure_cpu_threads,
                               export_local_world_size, topology, world_views)
 from dsft.errors import ConfigError, DsftError
+from dsft.fsutil import atomic_write_json
 from dsft.precision import resolve_auto_dtype
 
 logger = logging.getLogger("dsft")
@@ -50,6 +52,16 @@ def build_training_arguments(cfg: RunConfig, topo: Topology | None = None):
         from dsft.distributed import apply_collective_timeout
 
         apply_collective_timeout(kwargs["ddp_timeout"], bool(kwargs.get("use_cpu")), kwargs.get("ddp_backend"))
+    if cfg.parallel.sequence > 1:  # DeepSpeed Ulysses through accelerate (dsft.sequence_parallel)
+        from dsft import sequence_parallel as sp
+
+        sp.check_world(topo.world_size, cfg.parallel.sequence)
+        kwargs["parallelism_config"] = sp.parallelism_config(cfg.parallel.sequence, topo.world_size,
+                                                             cfg.model.attn_implementation)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # a launched run, not validate
+            extra = sp.configure_state(bool(kwargs.get("use_cpu")))
+            if extra:
+                kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), **extra}
     arguments_cls = TrainingArguments
     if cfg.method != "sft":  # TRL's DPOConfig / KTOConfig (TrainingArguments subclasses); dsft.preference
         from dsft.preference import preference_arguments
@@ -151,12 +163,18 @@ def build_trainer(cfg: RunConfig, args=None):
     if cfg.early_stopping is not None:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
     lr_ratio = cfg.peft.lr_ratio if cfg.peft is not None else 1.0
+    collator = make_collator(cfg.data, tokenizer.pad_token_id)
+    if cfg.parallel.sequence > 1:  # rows split evenly over the SP ranks, position_ids in every batch
+        from dsft.sequence_parallel import SequenceParallelCollator, row_width
+
+        width = row_width(cfg.data.max_seq_len, cfg.parallel.sequence)  # max_seq_len is required under SP
+        collator = SequenceParallelCollator(collator, width, tokenizer.pad_token_id)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=make_collator(cfg.data, tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, args, lr_ratio),
@@ -197,8 +215,6 @@ def rank_info(topo: Topology, threads: int | None, model=None, ref_model=None) -
 def write_run_info(args, me: dict, model=None) -> dict:
     """Record who trained: every rank reports ``me`` (rank, local rank, node, ...) through the process group, and
     rank 0 writes the list with the versions next to the outputs. Proves all ranks joined one world."""
-    import json
-
     import transformers
 
     if model is not None:  # the Trainer turns activation checkpointing on at the start of train()
@@ -223,14 +239,14 @@ def write_run_info(args, me: dict, model=None) -> dict:
         "deepspeed_zero_stage": (args.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0)
                                  if getattr(args, "hf_deepspeed_config", None) else None),
         "num_nodes": len({r["node_rank"] for r in ranks}),
+        # world = data-parallel x sequence-parallel; each rank records its dp rank (dsft.sequence_parallel)
+        "sequence_parallel_size": me.get("sequence_parallel_size", 1),
+        "data_parallel_size": me.get("data_parallel_size", args.world_size),
         "cpu": accelerator_is_cpu(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     if args.process_index == 0:
-        path = os.path.join(args.output_dir, RUN_INFO_NAME)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
-        os.replace(path + ".tmp", path)
+        atomic_write_json(os.path.join(args.output_dir, RUN_INFO_NAME), info, indent=2)
     return info
 
 
@@ -241,30 +257,12 @@ class RunInfoCallback(TrainerCallback):
         self.me = me
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        sp = self.me.get("sequence_parallel_size", 1)
+        if sp > 1:  # DeepSpeed builds its SP groups with the engine, just before this: check them against dsft's
+            from dsft.sequence_parallel import check_place, place_views
+
+            check_place(place_views(self.me["rank"], args.world_size, sp))
         write_run_info(args, self.me, model)
-
-
-def resolve_resume(cfg: RunConfig) -> str | None:
-    """The checkpoint dir train.resume_from_checkpoint names, or None (fresh start).
-
-    ``true``/``last``: the newest COMPLETE checkpoint in output_dir (an error if there is none). ``auto``: the
-    newest complete one if there is any, else a fresh start: what a requeued job (Slurm) or a restarted launcher
-    wants. Newer incomplete checkpoints (a run stopped while writing them) are skipped with a warning.
-    """
-    from pathlib import Path
-
-    from dsft.resume_check import check_explicit_checkpoint, pick_complete_checkpoint
-
-    value = cfg.train.get("resume_from_checkpoint")
-    if value in (None, False, "") or str(value).lower() in ("false", "no", "none"):
-        return None
-    mode = "last" if value is True else str(value).lower()
-    if mode in ("last", "true", "auto"):
-        return pick_complete_checkpoint(cfg.train["output_dir"], required=mode != "auto")
-    if not Path(value).is_dir():
-        raise ConfigError(f"train.resume_from_checkpoint: {value} is not a directory")
-    check_explicit_checkpoint(value)
-    return str(value)
 
 
 def adapt_to_world_size(cfg: RunConfig, resume: str | None, topo: Topology) -> RunConfig:
@@ -274,7 +272,6 @@ def adapt_to_world_size(cfg: RunConfig, resume: str | None, topo: Topology) -> R
         return cfg
     import dataclasses
 
-    from dsft.checkpoint import saved_world_size, to_universal
     from dsft.deepspeed import deep_merge
 
     saved = saved_world_size(resume)
@@ -332,6 +329,11 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool = False, over
 
         write_composition(data, args.output_dir)  # the mixture this run trained on, per source
     me = rank_info(topo, threads, trainer.model, getattr(trainer, "ref_model", None))  # ref_model: TRL trainers
+    from dsft.sequence_parallel import SequenceParallelPlace
+
+    place = SequenceParallelPlace.of(topo.rank, topo.world_size, cfg.parallel.sequence)
+    me.update(sequence_parallel_size=place.sp_size, sequence_parallel_rank=place.sp_rank,
+              data_parallel_size=place.dp_size, data_parallel_rank=place.dp_rank)
     for callback in (RunInfoCallback(me), *callbacks):
         trainer.add_callback(callback)
     guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteGuard)), None)

@@ -18,6 +18,7 @@ from dsft.distributed import exit_now, shutdown
 from dsft.errors import DsftError
 from dsft.memory import ModelStateBytesCallback
 from dsft.run import quiet_libraries, setup_logging
+from dsft.sequence_parallel import release_groups
 from dsft.train import run
 
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         cfgs = [load_config(path) for path in a.configs]  # all checked before the first run starts
         for cfg in cfgs:
             _forget_hpz_group()
+            release_groups()  # DeepSpeed's sequence-parallel groups are process-wide, built once per run
             run(cfg, [ModelStateBytesCallback()] if a.model_states else [])
     except DsftError as e:
         print(f"dsft: error: {e}", file=sys.stderr)

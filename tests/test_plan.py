@@ -273,8 +273,14 @@ def test_mfu_and_report_from_a_tiny_run(tmp_path, tiny_model_dir, train_file, ca
     logs = [json.loads(x) for x in (Path(result.output_dir) / "dsft_log.jsonl").read_text().splitlines()]
     train_logs = [r for r in logs if "loss" in r]
     assert len(train_logs) == 4
+    from dsft.callbacks import THROUGHPUT_WARMUP_STEPS
+
     for r in train_logs:
-        assert r["tokens_per_second_per_device"] > 0 and r["peak_memory_gb"] > 0
+        assert r["peak_memory_gb"] > 0
+        if r["step"] <= THROUGHPUT_WARMUP_STEPS:  # warm-up steps are left out of the throughput figures
+            assert "tokens_per_second_per_device" not in r and "mfu" not in r, r
+            continue
+        assert r["tokens_per_second_per_device"] > 0 and r["throughput_steps_measured"] == r["step"] - 2
         assert 0 < r["mfu"] < 1.5, r  # measured CPU peak; a busy machine can make one window look fast
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -288,3 +294,55 @@ def test_mfu_and_report_from_a_tiny_run(tmp_path, tiny_model_dir, train_file, ca
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     md = (tmp_path / "report" / "dsft_report.md").read_text()
     assert "![training curves](dsft_report.png)" in md and "| optimizer steps | 4 |" in md
+
+
+def test_plan_counts_the_reference_copy_of_full_fine_tuning_dpo(llama8b_dir, train_file, tmp_path):
+    """method dpo / kto with full fine-tuning keep a frozen reference copy: ZeRO-3 partitions it over the devices,
+    lower stages hold it whole; LoRA and precomputed reference log-probs keep none."""
+    pairs = str(write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}]))
+    hw = P.hardware_from_flags(gpus_per_node=8, accelerator="H100", host_mem="2TiB")
+
+    def configured(method="dpo", deepspeed="zero3", **extra):
+        sections = {"deepspeed": deepspeed, **extra}
+        if method != "sft":
+            sections.update(method=method, data={"train": pairs, "format": "preference", "packing": False})
+        return P.plan(_cfg(llama8b_dir, train_file, tmp_path, **sections), hw).configured_memory
+
+    weight_bytes = LLAMA3_8B_PARAMS * 2  # bf16
+    for deepspeed, held in (("zero3", weight_bytes / 8), ("zero2", weight_bytes)):
+        sft, dpo, kto = configured("sft", deepspeed), configured("dpo", deepspeed), configured("kto", deepspeed)
+        assert sft.reference_weights == 0
+        assert dpo.reference_weights == kto.reference_weights == pytest.approx(held, abs=1)
+        # the policy's own model states are unchanged; every phase holds the reference too
+        assert dpo.model_states == sft.model_states
+        for phase in ("load", "optimizer_step", "save"):
+            assert dpo.phases[phase] - sft.phases[phase] == pytest.approx(held, abs=2), (deepspeed, phase)
+        # DPO runs chosen and rejected in one forward: twice the activations of an SFT micro-batch (KTO: once);
+        # both take TRL's losses from full logits, so the SFT to compare with uses the stock (full-logits) loss
+        stock = configured("sft", deepspeed, loss={"impl": "stock"})
+        assert dpo.activations > 1.9 * stock.activations and kto.activations == stock.activations
+        assert sft.activations < stock.activations  # the chunked loss (SFT's default) holds no full logits
+    assert configured(train={"precompute_ref_log_probs": True}).reference_weights == 0
+    assert configured(peft={"lora": {"r": 16}}).reference_weights == 0
+    text = P.format_plan(P.plan(_cfg(llama8b_dir, train_file, tmp_path, method="dpo", deepspeed="zero3",
+                                     data={"train": pairs, "format": "preference", "packing": False}), hw))
+    assert "| reference_weights |" in text and "frozen reference copy" in text
+
+
+def test_plan_models_the_chunked_loss_and_sequence_parallelism(llama8b_dir, train_file, tmp_path):
+    """The chunked loss drops the per-token vocabulary tensors (one chunk's remain); sp=2 halves the tokens each rank
+    holds activations for (packing off: sdpa packing is refused under SP)."""
+    hw = P.hardware_from_flags(gpus_per_node=8, accelerator="H100", host_mem="2TiB")
+    data = {"packing": False}
+
+    def acts(**sections):
+        return P.plan(_cfg(llama8b_dir, train_file, tmp_path, deepspeed="zero3", data=data, **sections),
+                      hw).configured_memory.activations
+
+    stock, chunked = acts(loss={"impl": "stock"}), acts()
+    vocab = 128256
+    # 4 rows x 4096 tokens: the stock loss keeps 4 bytes of log-softmax per token and vocabulary entry, plus the
+    # 8 bytes of its backward; chunked keeps 16 bytes per entry for 1,024 tokens only
+    assert stock - chunked == pytest.approx(4 * 4096 * vocab * 12 - 1024 * vocab * 16, rel=0.01)
+    sp2 = acts(parallel={"sequence": 2})
+    assert 0.45 < sp2 / chunked < 0.55

@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("trl")
 
 from conftest import REPO, write_jsonl  # noqa: E402
+from test_slurm import slurm  # noqa: E402,F401 (the local Slurm fixture, for the preemption test)
 
 from dsft.config import from_dict, load_config, validate  # noqa: E402
 from dsft.errors import ConfigError, DataError  # noqa: E402
@@ -215,6 +216,44 @@ def test_lora_dpo_keeps_no_second_copy_and_full_dpo_a_frozen_identical_one(tmp_p
         assert torch.equal(p, policy[name]), name
 
 
+def test_mfu_flops_per_token_count_the_reference_forward(tmp_path, tiny_model_dir, pairs_file):
+    """A train step costs 6 FLOPs per matmul weight and token; the reference's forward adds 2 per reference weight
+    (DPO: the chosen + rejected tokens the policy trains on; KTO also scores a KL batch with policy and reference)."""
+    from transformers import TrainerControl, TrainerState
+
+    from dsft.callbacks import MetricsCallback
+    from dsft.preference import extra_forwards
+    from dsft.train import build_trainer, build_training_arguments
+
+    n = sum(t.numel() for k, t in _safetensors(tiny_model_dir).items()
+            if k.endswith("proj.weight") or k == "lm_head.weight")
+
+    def flops_per_token(callback, args, model) -> float:
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+        return callback._flops_per_token
+
+    def built(cfg):
+        trainer, _ = build_trainer(cfg)
+        callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, MetricsCallback))
+        return trainer, flops_per_token(callback, trainer.args, trainer.model)
+
+    trainer, full = built(_cfg(tmp_path, tiny_model_dir, pairs_file, peft=False))
+    assert full == 6 * n + 2 * n
+    model = trainer.model
+    precomputed = build_training_arguments(_cfg(tmp_path, tiny_model_dir, pairs_file, peft=False,
+                                                precompute_ref_log_probs=True))
+    assert flops_per_token(MetricsCallback(*extra_forwards("dpo", precomputed)), precomputed, model) == 6 * n
+    kto_file = write_jsonl(tmp_path / "kto.jsonl", kto_rows(pair_rows(4)))
+    kto = build_training_arguments(_cfg(tmp_path, tiny_model_dir, kto_file, method="kto", peft=False))
+    # the completions: train 6n + reference 2n; the KL batch: policy 2n + reference 2n
+    assert flops_per_token(MetricsCallback(*extra_forwards("kto", kto)), kto, model) == 12 * n
+    del trainer, model
+    # LoRA: the frozen base costs 4 per weight in the step (no weight gradient), A/B 6; the reference is the base
+    trainer, lora = built(_cfg(tmp_path, tiny_model_dir, pairs_file))
+    adapter = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    assert adapter > 0 and lora == 4 * n + 6 * adapter + 2 * n
+
+
 def _safetensors(model_dir):
     from safetensors.torch import load_file
 
@@ -245,7 +284,8 @@ def test_lora_dpo_learns_the_preference(tmp_path, tiny_model_dir, pairs_file):
     out = tmp_path / "out"
     # dsft's MetricsCallback is on the trainer: its log has the reward curves and the throughput
     logged = [json.loads(line) for line in (out / "dsft_log.jsonl").read_text().splitlines()]
-    assert all("tokens_per_second_per_device" in r and "rewards/margins" in r for r in logged if "loss" in r)
+    assert all("rewards/margins" in r for r in logged if "loss" in r)
+    assert all("tokens_per_second_per_device" in r for r in logged if "loss" in r and r["step"] > 2)  # after warm-up
     assert (out / "adapter_model.safetensors").is_file() and (out / "dsft_done.json").is_file()
     (tmp_path / "curves.json").write_text(json.dumps(logs))  # for docs/preference.md
 
@@ -369,3 +409,45 @@ def test_zero3_full_dpo_on_two_ranks_partitions_the_reference_too(tmp_path, tiny
     # zero rewards); then the chosen answers gain on the rejected ones
     assert abs(logs[0]["loss"] - math.log(2)) < 1e-4 and logs[0]["rewards/margins"] == 0
     assert logs[-1]["rewards/margins"] > 0 and logs[-1]["loss"] < logs[0]["loss"]
+
+
+# --------------------------------------------------------------------------------------------------
+# dsft submit on the local Slurm (scripts/slurm-local.sh): a DPO job survives a preemption
+
+
+@pytest.mark.integration
+def test_dsft_submit_dpo_job_survives_a_preemption(slurm, tmp_path, tiny_model_dir, pairs_file):
+    """2 tasks, LoRA-DPO, 12 steps; interrupted (SIGTERM + USR2 as for a preemption) once step 2 is logged: it saves
+    at the next step boundary, is requeued and resumes from that checkpoint to the end, each step logged once."""
+    import time
+
+    import submitit
+
+    from test_slurm import _finish, _job_id, _losses, _results, _submit
+
+    raw = _raw(tmp_path, tiny_model_dir, pairs_file, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    raw["slurm"] = {"tasks_per_node": 2, "time_min": 5, "signal_delay_s": 30}
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(raw))
+    out = tmp_path / "out"
+    proc = _submit(config, cwd=tmp_path)
+    job_id = _job_id(proc)
+    deadline = time.time() + 300
+    while not any(step >= 2 for step, _ in _losses(out)):  # interrupt mid-training
+        assert time.time() < deadline and proc.poll() is None, "training did not reach step 2"
+        time.sleep(0.05)
+    submitit.SlurmJob(folder=out / "slurm" / job_id, job_id=job_id)._interrupt()
+    _finish(proc)
+    results = _results(out / "slurm" / job_id, job_id, 2)
+    assert {x["restart"] for x in results} == {1}, "the job was not requeued exactly once"
+    first, second = results[0]["attempts"]
+    stopped, resumed = first["stopped_at_step"], second["start_step"]
+    assert 2 <= stopped < 12 and (out / f"checkpoint-{stopped}").is_dir() and resumed == stopped
+    assert {x["global_step"] for x in results} == {12}
+    logs = [r for r in (json.loads(line) for line in (out / "dsft_log.jsonl").read_text().splitlines())
+            if "loss" in r]
+    assert [r["step"] for r in logs] == list(range(1, 13))  # each step once, across the requeue
+    assert all(math.isfinite(r["loss"]) for r in logs)
+    # the resumed attempt kept the preference it had learned: rewards keep ranking chosen above rejected
+    assert logs[-1]["rewards/margins"] > 0 and logs[-1]["rewards/accuracies"] > 0.5, logs[-1]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "dsft_done.json").is_file()

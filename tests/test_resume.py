@@ -18,7 +18,7 @@ from dsft.checkpoint import (
 )
 from dsft.config import from_dict
 from dsft.errors import ConfigError
-from dsft.train import resolve_resume
+from dsft.checkpoint import resolve_resume
 
 
 def _cfg(tmp_path, value):

@@ -323,8 +323,10 @@ def test_preemption_callback_saves_and_stops_at_the_next_step(monkeypatch):
 def slurm():
     """The repo's one-node Slurm, up (idempotent: ~0.3 s when it already runs)."""
     if os.geteuid() == 0:
-        proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm-local.sh"), "up"], capture_output=True,
-                              text=True, timeout=900)
+        # 2 nodes, as .ci/run and tests/test_slurm_multinode.py bring it up: the same config, so no restart between
+        # the modules (every node has both cores, so the 2-task jobs here still fit on one node)
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm-local.sh"), "up", "--nodes", "2"],
+                              capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"scripts/slurm-local.sh up failed:\n{proc.stderr[-3000:]}"
     elif subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0 if shutil.which("sinfo") else True:
         pytest.skip("no Slurm here: as root, `bash scripts/slurm-local.sh up` brings up a one-node cluster")

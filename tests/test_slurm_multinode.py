@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -141,13 +142,15 @@ def test_requeue_budget_on_a_real_two_node_job(slurm2, tmp_path, monkeypatch):
     log = (job_dir / f"budget-{job_id}.out").read_text()
     assert state == "FAILED", f"{state}\n{log}"
     job = _scontrol_job(job_id)
-    assert job["Restarts"] == "1" and job["Requeue"] == "0" and job["ExitCode"] == "7:0", job
+    # ExitCode: 7 from the failing launcher, or 143 when srun --kill-on-bad-exit ended the other node's task first
+    assert job["Restarts"] == "1" and job["Requeue"] == "0" and job["ExitCode"] != "0:0", job
     assert job["NodeList"] == "n[1-2]"  # both nodes of this host
-    assert "requeue 1 of slurm.max_requeues=1" in log
+    assert re.search(r"dsft: the job step failed \(exit (7|143)\): requeue 1 of slurm.max_requeues=1", log), log
     assert "the requeue budget is used up (1 of slurm.max_requeues=1): the job is left failed" in log
-    for restart in (0, 1):
-        assert sorted(line for line in log.splitlines() if line.endswith(f"restart {restart}")) == \
-            [f"launcher on node {n}, restart {restart}" for n in (0, 1)]
+    for restart in (0, 1):  # the step ran in both attempts (on both nodes; one may be killed before it prints)
+        assert any(line.startswith("launcher on node ") and line.endswith(f"restart {restart}")
+                   for line in log.splitlines()), log
+    assert "restart 2" not in log
     attempts = _sacct(job_id, "Start,End,State")
     gap = None
     if len(attempts) == 2:  # requeued attempt's end -> the next attempt's start
@@ -182,9 +185,11 @@ def _run_info(out: Path) -> dict:
 
 
 @pytest.mark.integration
-def test_two_node_submit_reports_slurm_node_ranks_and_trains_like_one_node(slurm2, tiny_model_dir, data2, tmp_path):
+def test_two_node_submit_reports_slurm_node_ranks_and_trains_like_one_node(slurm2, tiny_model_dir, data2, tmp_path,
+                                                                          monkeypatch):
     """(a) `dsft submit` with nodes 2 x tasks 1, ZeRO-3 (zero3_multinode): rank 0 on node 0, rank 1 on node 1 though
     both nodes have the same host name; hpZ = 1 rank per node on each rank; the losses equal a 1-node 2-rank job's."""
+    monkeypatch.setenv("DSFT_CPU_THREADS", "1")  # the 2 nodes share 2 cores: one thread per rank
     runs = {}
     for name, slurm in (("two-nodes", {"nodes": 2, "tasks_per_node": 1}), ("one-node", {"nodes": 1,
                                                                                        "tasks_per_node": 2})):
@@ -221,28 +226,34 @@ def test_two_node_submit_reports_slurm_node_ranks_and_trains_like_one_node(slurm
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
-def test_rendered_template_runs_across_two_nodes(slurm2, tiny_model_dir, data2, tmp_path, launcher, monkeypatch,
-                                                 capsys):
-    """(b) the rendered script, submitted with sbatch to 2 nodes x 1 rank: a world of 2, one rank per node."""
+def test_rendered_templates_run_across_two_nodes(slurm2, tiny_model_dir, data2, tmp_path, monkeypatch, capsys):
+    """(b) both rendered scripts (torchrun: c10d rendezvous on n1; deepspeed launcher --no_ssh on each node), each
+    submitted with sbatch to 2 nodes x 1 rank, at the same time (each takes one CPU of each node): each trains with
+    a world of 2, one rank per node."""
     from dsft.cli import main
 
-    config = _run_config(tmp_path / "run.yaml", tiny_model_dir, data2, tmp_path / "out",
-                         {"nodes": 2, "tasks_per_node": 1, "job_name": f"b2-{launcher}"}, steps=2)
-    script = tmp_path / "job.sh"
-    monkeypatch.chdir(tmp_path)
-    assert main(["sbatch", str(config), "--launcher", launcher, "--port", str(free_port()), "--out", str(script)]) == 0
-    capsys.readouterr()
+    monkeypatch.setenv("DSFT_CPU_THREADS", "1")  # the 2 nodes share 2 cores: one thread per rank
+    jobs = {}
     t0 = time.time()
-    submitted = subprocess.run(["sbatch", "--parsable", str(script)], env=_env(), capture_output=True, text=True)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip().split(";")[0]
-    state = _wait_for(job_id, timeout=300)
-    log = tmp_path / "out" / "slurm" / f"b2-{launcher}-{job_id}.out"
-    assert state == "COMPLETED", f"{state}\n{log.read_text()[-4000:] if log.is_file() else 'no log'}"
-    print(f"(b) {launcher} sbatch script on 2 nodes: {time.time() - t0:.1f} s")
-    assert _scontrol_job(job_id).get("NodeList") == "n[1-2]"
-    info = _run_info(tmp_path / "out")
-    assert info["world_size"] == 2 and info["num_nodes"] == 2
-    assert sorted((r["rank"], r["node_rank"], r["local_rank"]) for r in info["ranks"]) == [(0, 0, 0), (1, 1, 0)]
-    assert [s for s, _ in _losses(tmp_path / "out")] == [1, 2]
+    for launcher in ("torchrun", "deepspeed"):
+        d = tmp_path / launcher
+        config = _run_config(d / "run.yaml", tiny_model_dir, data2, d / "out",
+                             {"nodes": 2, "tasks_per_node": 1, "job_name": f"b2-{launcher}"}, steps=2)
+        script = d / "job.sh"
+        monkeypatch.chdir(d)
+        assert main(["sbatch", str(config), "--launcher", launcher, "--port", str(free_port()),
+                     "--out", str(script)]) == 0
+        capsys.readouterr()
+        submitted = subprocess.run(["sbatch", "--parsable", str(script)], env=_env(), capture_output=True, text=True)
+        assert submitted.returncode == 0, submitted.stderr
+        jobs[launcher] = (d, submitted.stdout.strip().split(";")[0])
+    for launcher, (d, job_id) in jobs.items():
+        state = _wait_for(job_id, timeout=300)
+        log = d / "out" / "slurm" / f"b2-{launcher}-{job_id}.out"
+        assert state == "COMPLETED", f"{state}\n{log.read_text()[-4000:] if log.is_file() else 'no log'}"
+        assert _scontrol_job(job_id).get("NodeList") == "n[1-2]"
+        info = _run_info(d / "out")
+        assert info["world_size"] == 2 and info["num_nodes"] == 2
+        assert sorted((r["rank"], r["node_rank"], r["local_rank"]) for r in info["ranks"]) == [(0, 0, 0), (1, 1, 0)]
+        assert [s for s, _ in _losses(d / "out")] == [1, 2]
+    print(f"(b) torchrun + deepspeed sbatch scripts on 2 nodes, side by side: {time.time() - t0:.1f} s")

@@ -59,7 +59,8 @@ def test_full_finetune_loss_falls_and_reloads(tmp_path, tiny_model_dir, copy_dat
     assert (out / "model.safetensors").is_file() and not list(out.glob("pytorch_model*.bin"))
     assert (out / RESOLVED_CONFIG_NAME).is_file()
     logged = [r for r in _train_logs(out) if "loss" in r]
-    assert all(r["tokens_per_second_per_device"] > 0 and r["peak_memory_gb"] > 0 for r in logged)
+    assert all(r["peak_memory_gb"] > 0 for r in logged)
+    assert all(r["tokens_per_second_per_device"] > 0 for r in logged if r["step"] > 2)  # after the warm-up steps
     # TensorBoard sees dsft's metrics (reporting callbacks run after dsft's)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

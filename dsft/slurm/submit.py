@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import secrets
 import shutil
@@ -22,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsft.config import RESOLVED_CONFIG_NAME, RunConfig, apply_override, dump_yaml, from_dict, read_yaml, validate
+from dsft.config import (LOG_FILE_NAME, RESOLVED_CONFIG_NAME, RunConfig, apply_override, dump_yaml, from_dict,
+                         read_yaml, validate)
 from dsft.errors import ConfigError, DsftError
+from dsft.fsutil import atomic_write_text
 from dsft.slurm.resources import resources, tasks_per_node, with_overrides
 
 JOB_INFO_NAME = "dsft_job.json"
@@ -78,10 +79,7 @@ def write_submitted_config(raw: dict, directory: Path, name: str | None = None) 
     directory.mkdir(parents=True, exist_ok=True)
     name = name or f"submitted-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.yaml"
     path = directory / name
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(dump_yaml(raw), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, dump_yaml(raw))
 
 
 def sbatch_refused(e: Exception) -> DsftError:
@@ -176,8 +174,6 @@ _SOURCE_EVAL_LOSS = re.compile(r"^eval_.+_loss$")
 
 def last_logged(output_dir: str | Path) -> dict:
     """The last training step/loss and eval loss in a run's dsft_log.jsonl (empty if nothing logged yet)."""
-    from dsft.callbacks import LOG_FILE_NAME
-
     path = Path(output_dir) / LOG_FILE_NAME
     out: dict = {}
     if not path.is_file():
