@@ -13,6 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from dsft.config import LOG_FILE_NAME
+from dsft.flops import device_peak_flops, model_matmul_params, train_flops_per_token
 # Optimizer steps left out of tokens/s and MFU at the start of a run (and of a resumed one): one-off set-up costs.
 THROUGHPUT_WARMUP_STEPS = 2
 
@@ -28,11 +29,11 @@ def peak_memory_bytes() -> int:
 class MetricsCallback(TrainerCallback):
     """Adds tokens/s per device (non-pad tokens, cumulative from the end of the first THROUGHPUT_WARMUP_STEPS
     optimizer steps on: absent until then; ``throughput_steps_measured`` says over how many steps), MFU where the
-    device's peak is known (``dsft.plan.device_peak_flops``: measured on the CPU, the accelerator table for 16-bit GPU runs) and
+    device's peak is known (``dsft.flops.device_peak_flops``: measured on the CPU, the accelerator table for 16-bit GPU runs) and
     peak memory to every training log, and appends every log (train and eval) to ``output_dir/dsft_log.jsonl``
     on rank 0.
 
-    MFU counts the matmul FLOPs of the model (``dsft.plan.train_flops_per_token`` without attention scores,
+    MFU counts the matmul FLOPs of the model (``dsft.flops.train_flops_per_token`` without attention scores,
     whose cost depends on each packed sample's length) and no activation recompute. Preference tuning runs
     forwards without a backward over the same tokens too (``dsft.preference.extra_forwards``): each reference
     forward adds 2 FLOPs per reference matmul weight (the policy's without LoRA's A/B: with LoRA the reference is
@@ -51,8 +52,6 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
-            from dsft.plan import device_peak_flops, model_matmul_params, train_flops_per_token
-
             matmul, trainable = model_matmul_params(model)
             self._flops_per_token = train_flops_per_token(matmul, trainable)["model"]
             if self.reference_forwards or self.policy_forwards:

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from dsft import templates
+from dsft.config import training_arguments_kwargs
 from dsft.errors import ConfigError
+from dsft.quant import quant_storage
 
 if TYPE_CHECKING:
     from dsft.config import RunConfig
@@ -244,8 +246,6 @@ def _hf_args_view(cfg: RunConfig, world_size: int) -> Any:
 
     from transformers import TrainingArguments
 
-    from dsft.config import training_arguments_kwargs
-
     class _ArgsView:
         get_warmup_steps = TrainingArguments.get_warmup_steps
 
@@ -371,7 +371,6 @@ def _quantization(cfg: RunConfig) -> tuple[int | None, str | None]:
     q = cfg.peft.quantization if cfg.peft is not None else None
     if q is None:
         return None, None
-    from dsft.quant import quant_storage
 
     return q.bits, (quant_storage(q, cfg.model.dtype) if q.bits == 4 else None)
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dsft.errors import DsftError
+
 logger = logging.getLogger(__name__)
 
 
@@ -184,8 +186,6 @@ def check_world_agreement(views: dict[str, tuple[int, int]]) -> None:
     torch.distributed had 0 and 1 -- ZeRO-2 then trained every sample twice, silently. Each rank checks its own
     views (no collective), so every rank stops with the same kind of error before the first step.
     """
-    from dsft.errors import DsftError
-
     if len(set(views.values())) <= 1:
         return
     seen = "; ".join(f"{name}: rank {index} of {count}" for name, (index, count) in views.items())

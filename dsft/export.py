@@ -11,6 +11,7 @@ import torch
 
 from dsft.config import RESOLVED_CONFIG_NAME, ModelConfig, from_dict, read_yaml
 from dsft.errors import DsftError
+from dsft.model import ensure_pad_token, load_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -47,8 +48,6 @@ def base_model_config(adapter_dir: str | os.PathLike, base: str | None = None, d
 def load_for_inference(path: str | os.PathLike, dtype: str = "fp32", base: str | None = None):
     """(model, tokenizer) from a full model dir, or base + adapter from an adapter dir, in eval mode."""
     from transformers import AutoTokenizer
-
-    from dsft.model import ensure_pad_token, load_model
 
     path = Path(path)
     if not path.exists():

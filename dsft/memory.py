@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from dsft.callbacks import peak_memory_bytes
 from dsft.fsutil import atomic_write_json
 
 MODEL_STATES_NAME = "dsft_model_states.json"
@@ -105,7 +106,5 @@ class ModelStateBytesCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         rank = args.process_index
         path = Path(args.output_dir) / (MODEL_STATES_NAME + (f".rank{rank}" if rank else ""))
-        from dsft.callbacks import peak_memory_bytes
-
         record = dict(self.peak, rank=rank, pid=os.getpid(), peak_memory_bytes=peak_memory_bytes())
         atomic_write_json(path, record, indent=2)

@@ -11,6 +11,7 @@ from torch import nn
 
 from dsft.config import ModelConfig, PeftConfig, QuantizationConfig
 from dsft.errors import ConfigError, DsftError
+from dsft.quant import bnb_config, prepare_for_kbit_training
 
 logger = logging.getLogger(__name__)
 # peft 0.x builds every PeftModel (get_peft_model, PeftModel.from_pretrained) by reading the model's
@@ -94,8 +95,6 @@ def load_model(cfg: ModelConfig, quantization: QuantizationConfig | None = None)
     common = dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
                   trust_remote_code=cfg.trust_remote_code)
     if quantization is not None:
-        from dsft.quant import bnb_config
-
         common["quantization_config"] = bnb_config(quantization, cfg.dtype)
     if cfg.init == "from_config":
         model = AutoModelForCausalLM.from_config(config, **common)
@@ -109,6 +108,12 @@ def load_model(cfg: ModelConfig, quantization: QuantizationConfig | None = None)
             raise _load_error("model.name_or_path", "weights", cfg.name_or_path, e) from None
     # Training never reads a KV cache, and with one transformers stops confining attention to packed samples.
     model.config.use_cache = False
+    if quantization is not None:
+        from dsft.quant import keep_trainable_4bit_layout
+
+        # else one eval-mode forward (packing check, evaluation) switches bitsandbytes' CPU 4-bit layers to a bf16
+        # kernel that back-propagates nothing through the base weights, for the rest of the run (dsft.quant)
+        keep_trainable_4bit_layout(model)
     return model
 
 
@@ -128,8 +133,6 @@ def apply_lora(model, peft_cfg: PeftConfig, gradient_checkpointing_reentrant: bo
     from peft import get_peft_model
 
     if peft_cfg.quantization is not None:
-        from dsft.quant import prepare_for_kbit_training
-
         model = prepare_for_kbit_training(model)
     lora = peft_lora_config(peft_cfg)
     try:

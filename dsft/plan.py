@@ -27,24 +27,17 @@ import os
 import re
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dsft.errors import ConfigError
+from dsft.flops import ACCELERATORS, accelerator_name, cpu_peak_flops, local_device_name, train_flops_per_token
 
 if TYPE_CHECKING:
     from dsft.config import RunConfig
 
 GiB = 2**30
 
-# Dense bf16 peak FLOP/s (vendor datasheets, SXM/OAM parts, no sparsity) and device memory.
-ACCELERATORS: dict[str, dict[str, float]] = {
-    "A100": {"peak_flops": 312e12, "memory_bytes": 80 * GiB},
-    "H100": {"peak_flops": 989e12, "memory_bytes": 80 * GiB},
-    "H200": {"peak_flops": 989e12, "memory_bytes": 141e9},
-    "MI300X": {"peak_flops": 1307e12, "memory_bytes": 192 * GiB},
-}
 DEFAULT_MFU = 0.40  # what well-tuned fine-tuning reaches on these parts; the estimate scales with it
 # of the best measured CPU rate: dsft's LoRA fine-tune of SmolLM2-135M (fp32, one thread) ran at 32-42 % of it here
 DEFAULT_MFU_CPU = 0.4
@@ -585,81 +578,21 @@ def _save_bytes(cfg: RunConfig, shape: ModelShape, prec: Precision, wb: float, s
 # speed
 
 
-def train_flops_per_token(matmul_params: int, trainable_matmul_params: int, layers: int = 0, attn_width: int = 0,
-                          seq_len: int | None = None, checkpointing: bool = False) -> dict:
-    """FLOPs per trained token. ``model``: forward 2 per matmul weight, backward 2 for the activation gradients and
-    2 for the weight gradients of trainable weights only (frozen LoRA/QLoRA bases skip them), plus attention
-    scores (12·layers·seq·width, the PaLM count) when ``seq_len`` is given. ``hardware`` adds the forward recompute
-    of activation checkpointing. MFU divides the ``model`` figure."""
-    attn = 12 * layers * seq_len * attn_width if seq_len else 0
-    model = 4 * matmul_params + 2 * trainable_matmul_params + attn
-    recompute = (2 * matmul_params + attn / 3) if checkpointing else 0
-    return {"model": float(model), "hardware": float(model + recompute)}
-
-
 def shape_flops_per_token(shape: ModelShape, seq_len: int | None, checkpointing: bool = False) -> dict:
     matmul = shape.matmul_params + shape.lora_params
     return train_flops_per_token(matmul, matmul - shape.frozen_matmul_params, shape.layers,
                                  shape.heads * shape.head_dim, seq_len, checkpointing)
 
 
-def model_matmul_params(model) -> tuple[int, int]:
-    """(matmul weights, trainable matmul weights) of a live model: every nn.Linear (LoRA's A/B, bitsandbytes
-    layers and a tied lm_head included), counting ZeRO-3 partitioned weights at their full size."""
-    import torch
-
-    total = trainable = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            n = int(getattr(module.weight, "ds_numel", module.weight.numel()))
-            total += n
-            trainable += n if module.weight.requires_grad else 0
-    return total, trainable
-
-
 def peak_flops_for(hw: Hardware, dtype: str = "bf16") -> float | None:
     if hw.peak_flops:
         return hw.peak_flops
     if hw.is_cpu:
-        import torch
+        import torch  # deferred: the planner imports torch only for a CPU's thread count and the meta model
 
         return cpu_peak_flops(dtype, max(1, torch.get_num_threads() // hw.devices_per_node))
     entry = ACCELERATORS.get(hw.accelerator)
     return entry["peak_flops"] if entry else None
-
-
-def accelerator_name(device_name: str) -> str | None:
-    """The ACCELERATORS key a device name ("NVIDIA H100 80GB HBM3", "AMD Instinct MI300X") belongs to."""
-    upper = device_name.upper()
-    return next((key for key in sorted(ACCELERATORS, key=len, reverse=True) if key in upper), None)
-
-
-def device_peak_flops(dtype: str) -> float | None:
-    """Peak FLOP/s of the device this process trains on: $DSFT_PEAK_TFLOPS if set; the CPU's measured matmul
-    rate in ``dtype``; a known accelerator's dense 16-bit peak (16-bit training only); else None (unknown)."""
-    if os.environ.get("DSFT_PEAK_TFLOPS"):
-        return float(os.environ["DSFT_PEAK_TFLOPS"]) * 1e12
-    from dsft.distributed import accelerator_is_cpu
-
-    if accelerator_is_cpu():
-        import torch
-
-        return cpu_peak_flops(dtype, torch.get_num_threads(), refresh=False)
-    if dtype not in ("bf16", "fp16"):
-        return None
-    name = accelerator_name(local_device_name() or "")
-    return ACCELERATORS[name]["peak_flops"] if name else None
-
-
-def local_device_name() -> str | None:
-    """Product name of the local accelerator (torch.cuda / torch.xpu ... get_device_name), None on the CPU."""
-    import torch
-
-    if not torch.accelerator.is_available():
-        return None
-    backend = getattr(torch, torch.accelerator.current_accelerator().type, None)
-    getter = getattr(backend, "get_device_name", None)
-    return str(getter()) if getter else None
 
 
 def step_estimate(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup) -> dict:
@@ -682,64 +615,6 @@ def step_estimate(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup)
             "mfu_assumed": hw.mfu, "step_time_s": step_s,
             "tokens_per_s": tokens_per_device * hw.world / step_s,
             "tokens_per_s_per_device": tokens_per_device / step_s}
-
-
-@functools.lru_cache(maxsize=4)
-def measure_cpu_peak_flops(dtype: str = "fp32", threads: int | None = None) -> float:
-    """FLOP/s of ``torch.nn.functional.linear`` (the op every linear layer runs; on the CPU it is faster than a
-    plain matmul) on 1024x1024 operands in ``dtype`` with ``threads`` threads (default: torch's setting): best of
-    three ~0.05 s windows. CPUs without native bf16 run bf16 linears several times slower than fp32."""
-    import torch
-
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        dt = torch.bfloat16 if dtype == "bf16" else torch.float16 if dtype == "fp16" else torch.float32
-        n = 1024
-        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-        torch.nn.functional.linear(a, b)
-        best = 0.0
-        for _ in range(3):
-            start, count = time.perf_counter(), 0
-            while time.perf_counter() - start < 0.05:
-                torch.nn.functional.linear(a, b)
-                count += 1
-            best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
-        return best
-    finally:
-        torch.set_num_threads(old)
-
-
-def cpu_peak_flops(dtype: str, threads: int, refresh: bool = True) -> float:
-    """This CPU's linear-layer peak: the best measurement seen on this machine (kept in
-    ``$DSFT_CACHE/cpu_peak_flops.json``), after a fresh one unless ``refresh`` is off and one is known. On a shared
-    machine one measurement can catch the cores busy; the best seen is the closer to the hardware's peak, which
-    keeps MFU from being inflated by a low peak. Training passes refresh=False (no time taken from the run once
-    the machine is known); `dsft plan` measures again."""
-    import json
-    import platform
-    from pathlib import Path
-
-    path = Path(os.environ.get("DSFT_CACHE", Path.home() / ".cache" / "dsft")) / "cpu_peak_flops.json"
-    key = f"{platform.node()}/{dtype}/{threads}"
-    try:
-        seen = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        seen = {}
-    if not refresh and seen.get(key):
-        return float(seen[key])
-    now = measure_cpu_peak_flops(dtype, threads)
-    best = max(now, float(seen.get(key, 0.0)))
-    if best > float(seen.get(key, 0.0)):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**seen, key: best}, indent=1))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache only costs the remembered best
-    return best
 
 
 _BASELINE_PROBE = ("import resource, dsft.train, dsft.data, dsft.model, transformers, datasets, peft, deepspeed; "

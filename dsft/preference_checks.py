@@ -9,6 +9,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
+from dsft.data_formats import resolve_sources
 from dsft.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -44,8 +45,6 @@ def method_fields(method: str) -> tuple[dict[str, dataclasses.Field], str]:
 def check_preference_config(cfg: RunConfig) -> None:
     """Config-time checks for method dpo / kto beyond the train keys (dsft.config checks those against
     ``method_fields``); no model, no data read beyond existence checks."""
-    from dsft.data_formats import resolve_sources
-
     t, d = cfg.train, cfg.data
     for key, hint in OWNED_BY_DSFT.items():
         if key in t:

@@ -65,6 +65,33 @@ def is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
+def keep_trainable_4bit_layout(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout; return the layers changed.
+
+    bitsandbytes 0.50 ``Linear4bit.forward``, on a CPU with AVX512-BF16, repacks the weight for its fused kernel the
+    first time it runs in eval mode without grad (dsft's packing-isolation check, an evaluation) and never undoes
+    it. From then on every forward, in training too, goes through ``gemv_4bit``: computed in bf16 and with no
+    autograd kernel, so no gradient flows back through the frozen base weights (only through the LoRA branches).
+    Training after that silently differs (grad norm roughly halved on a tiny Llama); ZeRO-3 runs escaped it only
+    because dsft skips the check there. The dequantize + matmul path stays exact and differentiable.
+    """
+    changed = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        # already repacked: undo it (bitsandbytes re-quantizes double-quant scales: close, not bit-identical)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            module.quant_state = weight.quant_state
+        changed += 1
+    return changed
+
+
 def prepare_for_kbit_training(model):
     """peft's k-bit preparation (freeze the base, norms and the other unquantized weights in fp32) before LoRA.
 

@@ -17,7 +17,8 @@ import logging
 import os
 import sys
 
-from dsft.errors import DsftError
+from dsft.config import load_config
+from dsft.errors import ConfigError, DataError, DsftError
 
 
 def quiet_libraries() -> None:
@@ -43,7 +44,6 @@ def train_entry(config: str, overrides: list[str], callbacks=(), force: bool = F
     # deferred: dsft.distributed loads torch and dsft.train transformers (~5 s together), which the CLI's other
     # commands (it imports this module) do not need; looked up at call time also lets tests/fault_entry.py wrap
     # dsft.train.run
-    from dsft.config import load_config
     from dsft.distributed import shutdown
     from dsft.train import run
 
@@ -109,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
 def report_error(e: DsftError) -> None:
     """One ``dsft: error:`` line. Config and data errors are the same on every rank of a launch (each rank reads
     the same files), so only rank 0 prints them; any other error may be this rank's alone and is printed."""
-    from dsft.errors import ConfigError, DataError
-
     if isinstance(e, (ConfigError, DataError)) and int(os.environ.get("RANK", "0")) != 0:
         return
     print(f"dsft: error: {e}", file=sys.stderr)

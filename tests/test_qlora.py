@@ -150,6 +150,42 @@ def test_8bit_layers_are_linear8bitlt(tiny_model_dir):
     assert isinstance(q_proj, bnb.nn.Linear8bitLt) and q_proj.weight.dtype == torch.int8
 
 
+def test_an_eval_forward_does_not_change_later_4bit_training_steps(tiny_model_dir):
+    """bitsandbytes repacks a CPU 4-bit layer for its bf16 inference kernel (no backward through the base weight) on
+    the first eval-mode forward, on AVX512-BF16 CPUs, and keeps it: dsft's packing check then silently changed every
+    later training step (ZeRO-2 disagreed with ZeRO-3, which skips the check). dsft.quant.keep_trainable_4bit_layout."""
+    import bitsandbytes as bnb
+
+    from dsft.config import LoraConfig, ModelConfig, PeftConfig
+    from dsft.model import apply_lora, load_model
+    from dsft.train import check_packing_isolation
+
+    torch.manual_seed(0)
+    model = apply_lora(load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="fp32"), QuantizationConfig()),
+                       PeftConfig(lora=LoraConfig(r=4, dropout=0.0)), False)
+    with torch.no_grad():  # nonzero B: gradients then reach every LoRA matrix through the frozen 4-bit layers
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    ids = torch.tensor([[5, 17, 33, 40, 8, 12, 3, 9]])
+
+    def step() -> tuple[float, list[torch.Tensor]]:
+        model.train()
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    loss, grads = step()
+    check_packing_isolation(model, model.config.vocab_size)  # eval mode, no grad
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    loss_after, grads_after = step()
+    assert loss_after == loss
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_after))
+
+
 # --------------------------------------------------------------------------------------------------
 # one process: train 30 steps, save the adapter only, merge
 

@@ -1,5 +1,5 @@
-"""Slurm through submitit. The integration tests run against a real one-node Slurm (scripts/slurm-local.sh, brought
-up by the `slurm` fixture when running as root, and by .ci/run): (a) a 2-task job trains and returns per-rank
+"""Slurm through submitit. The integration tests run against a real local Slurm (scripts/slurm-local.sh, 2 nodes,
+brought up by the `slurm` fixture when running as root, and by .ci/run): (a) a 2-task job trains and returns per-rank
 results, (b) an interrupted job requeues, resumes and ends like an uninterrupted one, (c) a 3-point sweep runs as
 one job array and writes its table, (d) rendered sbatch templates run to completion. The rest is pure: golden
 files of rendered templates with hostile values, the rendered shell run against stub commands, sweep points,

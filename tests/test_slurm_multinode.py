@@ -125,7 +125,8 @@ def test_requeue_budget_on_a_real_two_node_job(slurm2, tmp_path, monkeypatch):
     from dsft.slurm.sbatch import render
 
     failing = tmp_path / "failing-launcher"
-    failing.write_text('#!/bin/bash\necho "launcher on node $SLURM_NODEID, restart ${SLURM_RESTART_COUNT:-0}"\nexit 7\n')
+    failing.write_text('#!/bin/bash\n'
+                       'echo "launcher on node $SLURM_NODEID, restart ${SLURM_RESTART_COUNT:-0}"\nexit 7\n')
     failing.chmod(0o755)
     job_dir = tmp_path / "slurm"
     job_dir.mkdir()
