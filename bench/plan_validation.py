@@ -45,12 +45,33 @@ ROWS = {
     "135m-2r-zero2-ac": ("135m", 2, "zero2", True, False),
     "135m-2r-zero3-ac": ("135m", 2, "zero3", True, False),
     "135m-2r-zero3-lora": ("135m", 2, "zero3", False, True),
+    # `make demo`'s config file unchanged (bf16 on CPUs with AVX512-BF16/AMX, eval before and during training)
+    "demo": ("demo", 1, None, False, True),
+    # a long sequence: SmolLM2-135M cut to 2 layers, 1 x 8,192 packed tokens, chunked loss (the default)
+    "135m-2L-8k-1r-ac-lora": ("135m-2L", 1, None, True, True),
 }
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo-smollm2-lora.yaml"
+LONG_SEQ = 8192
 SEQ, MICRO = 256, 2
 
 
 def run_config(row: str, steps: int) -> dict:
     model, _ranks, ds, ac, lora = ROWS[row]
+    if model == "demo":  # as `make demo` runs it: all 16 steps and 3 evaluations (the eval phase is the point)
+        import yaml
+
+        return yaml.safe_load(DEMO.read_text())
+    if model == "135m-2L":
+        return {
+            "model": {"name_or_path": str(SMOLLM2), "init": "from_config", "dtype": "auto",
+                      "config_overrides": {"num_hidden_layers": 2}},
+            "data": {"train": str(HUMANEVAL), "format": "prompt_completion", "max_seq_len": LONG_SEQ,
+                     "packing": True},
+            "peft": {"lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}},
+            "train": {"output_dir": "unused", "max_steps": steps, "per_device_train_batch_size": 1,
+                      "logging_steps": 1, "report_to": "none", "save_strategy": "no",
+                      "gradient_checkpointing": ac, "seed": 0},
+        }
     cfg = {
         "model": {"name_or_path": str(SMOLLM2), "init": "from_config", "dtype": "fp32",
                   "config_overrides": TINY if model == "tiny" else {}},
@@ -72,6 +93,10 @@ def predict(cfg_dict: dict, ranks: int, baseline: int) -> dict:
 
     cfg = from_dict(cfg_dict)
     validate(cfg)
+    if cfg.model.dtype == "auto":  # as the training process resolves it on this CPU
+        from dsft.precision import auto_dtype, resolve_auto_dtype
+
+        cfg = resolve_auto_dtype(cfg, auto_dtype("cpu"))
     hw = Hardware(nodes=1, devices_per_node=ranks, accelerator="cpu",
                   host_memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                   device_memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
@@ -86,7 +111,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--allocators", nargs="+", default=["fixed", "default"], choices=["fixed", "default"])
+    # default conditions (glibc's own mmap threshold) are what the planner predicts; "fixed" shows what the run holds
+    p.add_argument("--allocators", nargs="+", default=["default"], choices=["fixed", "default"])
     p.add_argument("--reuse", action="store_true", help="re-predict against bench/results/plan_validation.json")
     a = p.parse_args()
     from dsft.plan import process_baseline_bytes

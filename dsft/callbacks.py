@@ -65,6 +65,10 @@ class MetricsCallback(TrainerCallback):
         log = Path(args.output_dir) / LOG_FILE_NAME
         if state.is_world_process_zero and state.global_step == 0 and log.exists():
             log.unlink()  # a fresh run starts a fresh log; a resumed one appends
+        elif state.is_world_process_zero and log.exists():
+            # resumed from checkpoint-N: records after step N came from work that was lost (a failed or
+            # interrupted later save) and are about to be logged again; keep each step once
+            drop_records_after(log, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         # The first steps pay one-off costs (DeepSpeed engine and communicator set-up, op JIT, allocator growth):
@@ -91,6 +95,25 @@ class MetricsCallback(TrainerCallback):
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(args.output_dir) / LOG_FILE_NAME, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def drop_records_after(log: Path, step: int) -> int:
+    """Rewrite a JSONL log without its records of steps after ``step`` (atomically); returns how many went."""
+    from dsft.fsutil import atomic_write_text
+
+    kept, dropped = [], 0
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            after = json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError, TypeError):
+            after = True  # a line torn by a crash or a full disk: no step to keep it for
+        if after:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        atomic_write_text(log, "".join(line + "\n" for line in kept))
+    return dropped
 
 
 def reference_matmul_params(model) -> int:

@@ -89,15 +89,19 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_prepare(a: argparse.Namespace) -> int:
     """Tokenize (and pack) a run's data into the cache dsft train reads (dsft.prepare); --submit: as a Slurm job."""
     from dsft.prepare import prepare_here, submit_prepare
+    from dsft.slurm.commands import _slurm_flags
 
+    flags = _slurm_flags(a)
     if not a.submit:
+        given = [f"--{k.replace('_min', '').replace('_', '-')}" for k, v in flags.items() if v is not None]
+        if a.wait or given:
+            raise DsftError(f"prepare: {' '.join((['--wait'] if a.wait else []) + given)} only with --submit")
         _, text = prepare_here(a.config, a.set)
         print(text)
         return 0
-    from dsft.slurm.commands import _slurm_flags
     from dsft.slurm.submit import wait
 
-    sub = submit_prepare(a.config, a.set, _slurm_flags(a))
+    sub = submit_prepare(a.config, a.set, flags)
     print(f"submitted job {sub.job.job_id}: dsft prepare, 1 task, no GPU")
     print(f"job folder: {sub.folder}   (dsft status {sub.folder})")
     print("log: " + " ".join(sub.log_paths()))
@@ -223,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--cpus-per-task", "--partition", "--time", "--account", "--qos", "--constraint", "--mem",
                  "--job-dir"):  # one CPU task: no --nodes, --gpus-per-node, --tasks-per-node
         dest, kind, help = SLURM_FLAGS[flag]
+        help = "CPU cores of the job's one task" if dest == "cpus_per_task" else help
         sp.add_argument(flag, dest=f"slurm_{dest}", type=kind, help=f"with --submit: {help}")
 
     sp = add("prepare-demo", cmd_prepare_demo,

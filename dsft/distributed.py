@@ -97,6 +97,9 @@ def configure_cpu_threads(topo: Topology) -> int | None:
     wanted = os.environ.get("DSFT_CPU_THREADS")
     threads = int(wanted) if wanted else max(1, (os.cpu_count() or 1) // topo.local_world_size)
     torch.set_num_threads(threads)
+    # else accelerate, finding OMP_NUM_THREADS unset (the deepspeed launcher, srun), warns on every rank and sets
+    # its own count (physical cores / local ranks) over this one
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     return threads
 
 

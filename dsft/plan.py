@@ -406,6 +406,36 @@ def activation_bytes(shape: ModelShape, prec: Precision, micro_batch: int, seq_l
             "total": saved + max(backward, recompute) * tokens}
 
 
+def eval_activation_bytes(shape: ModelShape, prec: Precision, rows: int, seq_len: int,
+                          chunk_tokens: int | None = None, sequence: int = 1, attn: str = "sdpa") -> float:
+    """Peak of one evaluation micro-batch. Without autograd nothing is kept across layers: one layer's transients
+    (residual stream, q/k/v/output, the gated MLP's four inner tensors, the packing mask) plus the vocabulary-wide
+    tensors, which dominate.
+
+    Stock loss: the model's logits (compute dtype) stay alive -- the Trainer hands them to
+    ``preprocess_logits_for_metrics`` -- while first the loss (ForCausalLMLoss: fp32 copy + log-softmax) and then
+    ``dsft.callbacks.token_loss_sums`` (fp32 copy of the shifted view + log-softmax) build two fp32 tensors of the
+    same size: logits + 8 bytes per token and vocabulary entry. Chunked (dsft.loss): one chunk's fp32 logits and
+    log-softmax at a time (the 16-bit lm_head output dies at its fp32 cast); the Trainer keeps per-row sums only.
+    """
+    tokens = rows * -(-seq_len // max(1, sequence))
+    a = prec.compute_bytes
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    layer = a * (3 * shape.hidden + 2 * q + 2 * kv + 4 * shape.intermediate)
+    if attn in ("sdpa", "eager") and sequence == 1:
+        layer += a * seq_len  # the [rows, 1, seq, seq] mask built from packed position_ids / padding
+    if attn == "eager":
+        layer += shape.heads * seq_len * (4 + a)
+    vocab = (8 * min(chunk_tokens, tokens) if chunk_tokens else (a + 8) * tokens) * shape.vocab
+    return layer * tokens + vocab
+
+
+def evaluates(cfg: RunConfig) -> bool:
+    """Whether the run evaluates during training (eval data and an eval strategy)."""
+    has_eval = bool(cfg.data.eval) or bool(cfg.data.eval_fraction)
+    return has_eval and str(cfg.train.get("eval_strategy", "no")) != "no"
+
+
 def autocast_weight_copies(shape: ModelShape, prec: Precision, checkpointing: bool) -> int:
     """Under autocast every linear's weight is cast to bf16 in the forward and the copy is kept for backward; with
     checkpointing only the lm_head's copy is (the layers cast again when they are recomputed)."""
@@ -523,8 +553,16 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
     load = _load_bytes(shape, prec, wb, stage, world, use_ds)
     save = weights + optim + _save_bytes(cfg, shape, prec, wb, stage)
     fwd_bwd, step, load, save = fwd_bwd + ref, step + ref, load + ref, save + ref
-    phases = {k: int(v + overhead) for k, v in
-              (("load", load), ("forward_backward", fwd_bwd), ("optimizer_step", step), ("save", save))}
+    named = [("load", load), ("forward_backward", fwd_bwd), ("optimizer_step", step), ("save", save)]
+    if evaluates(cfg):
+        # Evaluation runs between optimizer steps: weights and optimizer states stay; plain gradients were freed by
+        # zero_grad (DeepSpeed keeps its partition buffer). The Trainer's default eval batch is 8 rows.
+        eval_rows = int(cfg.train.get("per_device_eval_batch_size", 8)) * (2 if cfg.method == "dpo" else 1)
+        eval_act = eval_activation_bytes(shape, prec, eval_rows, _seq_len(cfg), chunk, sp,
+                                         cfg.model.attn_implementation)
+        eval_act += 2 * shape.vocab * shape.hidden if prec.autocast else 0  # the lm_head's cast weight
+        named.append(("evaluation", weights + optim + (grads if use_ds else 0) + buffers + eval_act + ref))
+    phases = {k: int(v + overhead) for k, v in named}
     peak_phase = max(phases, key=phases.get)
 
     ranks = hw.devices_per_node

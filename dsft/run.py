@@ -18,6 +18,7 @@ import os
 import sys
 
 from dsft.config import load_config
+from dsft.console import exit_after_user_error, quiet_library_messages
 from dsft.errors import ConfigError, DataError, DsftError
 
 
@@ -27,6 +28,7 @@ def quiet_libraries() -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_library_messages()  # before the libraries load: their deprecations and per-rank repeats (dsft.console)
 
 
 def setup_logging() -> None:
@@ -65,10 +67,13 @@ def train_and_report(config: str, overrides: list[str], force: bool = False, ove
     from dsft.distributed import exit_now  # deferred: torch (see train_entry)
 
     result, distributed = train_entry(config, overrides, force=force, overwrite=overwrite)
-    if result.eval_metrics:
+    if int(os.environ.get("RANK", "0")) != 0:  # every rank has the same result: rank 0 tells it
+        result = None
+    if result is not None and result.eval_metrics:
         print(f"eval_loss {result.eval_metrics.get('eval_loss'):.4f}  "
               f"perplexity {result.eval_metrics.get('eval_perplexity', float('nan')):.3f}")
-    print(f"saved to {result.output_dir}")
+    if result is not None:
+        print(f"saved to {result.output_dir}")
     if distributed:
         exit_now(0)
     return 0
@@ -96,13 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return train_and_report(a.config, a.set, force=a.force, overwrite=a.overwrite)
     except DsftError as e:
-        report_error(e)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # a failed multi-rank run can abort in interpreter teardown as a finished one can (see exit_now),
-            # turning dsft's exit status into a SIGABRT
-            from dsft.distributed import exit_now  # deferred: torch (see train_entry)
-
-            exit_now(e.exit_code)
+            # once, from rank 0, when every rank has the same error; every rank exits with its code, without the
+            # interpreter teardown that can abort a multi-rank process (a SIGABRT instead of dsft's exit status)
+            exit_after_user_error(str(e), e.exit_code, rank_zero_reports=isinstance(e, (ConfigError, DataError)))
+        report_error(e)
         return e.exit_code
 
 

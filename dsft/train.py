@@ -310,6 +310,10 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool = False, over
         # auto-detection then logs "Setting accelerator to CPU ... unable to detect it", also on runs without
         # DeepSpeed. Naming the accelerator dsft already found skips that detection (and its banner).
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if cfg.deepspeed:  # DeepSpeed's comm on CPU loads (first time: builds) its shm op; say so, once
+            from dsft.console import announce_cpu_comm_op
+
+            announce_cpu_comm_op(topo.rank)
     cfg = resolve_auto_dtype(cfg)  # model.dtype: auto -> this machine's faster precision, before anything uses it
     resume = None if overwrite else resolve_resume(cfg)
     resume_check.check_output_dir(cfg, resume, overwrite)
@@ -334,16 +338,31 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool = False, over
     place = SequenceParallelPlace.of(topo.rank, topo.world_size, cfg.parallel.sequence)
     me.update(sequence_parallel_size=place.sp_size, sequence_parallel_rank=place.sp_rank,
               data_parallel_size=place.dp_size, data_parallel_rank=place.dp_rank)
-    for callback in (RunInfoCallback(me), *callbacks):
+    from dsft.disk import DiskSpaceCallback, save_failure
+
+    disk = DiskSpaceCallback()  # warns before a save that may not fit; names the checkpoint of a failed one
+    for callback in (RunInfoCallback(me), disk, *callbacks):
         trainer.add_callback(callback)
     guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteGuard)), None)
     if guard is not None:  # last: its veto on saving a non-finite step overrides any other callback's save
         trainer.pop_callback(guard)
         trainer.add_callback(guard)
-    train_output = trainer.train(resume_from_checkpoint=resume)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=resume)
+    except Exception as e:  # a full disk / quota / I/O error: one line, not the writing library's traceback
+        failure = save_failure(e, args.output_dir, disk.saving_step)
+        if failure is None:
+            raise
+        raise failure from e
     if guard is not None and guard.tripped:
         raise NonFiniteError(guard.tripped)  # the last good checkpoint stays the newest; no final save
-    trainer.save_model(args.output_dir)
+    try:
+        trainer.save_model(args.output_dir)
+    except Exception as e:
+        failure = save_failure(e, args.output_dir, None, what=f"the final model to {args.output_dir}")
+        if failure is None:
+            raise
+        raise failure from e
     result = RunResult(output_dir=args.output_dir, train_metrics=dict(train_output.metrics),
                        log_history=list(trainer.state.log_history))
     if data.eval is not None:

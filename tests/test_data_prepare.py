@@ -520,6 +520,8 @@ def test_prepare_refuses_what_it_cannot_prepare_in_one_line(tmp_path, tiny_model
     assert len(err) == 1 and err[0].startswith("dsft: error: method: dpo data is tokenized by TRL's trainer")
     assert main(["prepare", str(tmp_path / "nope.yaml")]) == 2
     assert capsys.readouterr().err.startswith("dsft: error: ")
+    assert main(["prepare", str(config), "--time", "5", "--wait"]) == 2  # Slurm flags without --submit: not ignored
+    assert capsys.readouterr().err == "dsft: error: prepare: --wait --time only with --submit\n"
 
 
 @pytest.mark.integration  # two dsft processes: prepare, then train from what it left
@@ -591,3 +593,73 @@ def test_prepare_submit_runs_as_a_cpu_slurm_job_and_fills_the_cache(tmp_path, ti
 
     assert main(["prepare", str(config)]) == 0
     assert f"cache: {cache} (already prepared: nothing was tokenized)" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# resume at a late step: the Trainer skips at the sampler (no skipped row read or collated); bench/data_resume.py
+# measures it on 1M rows
+
+def test_resume_starts_at_the_checkpoints_batch_without_collating_the_skipped_ones(tmp_path, tiny_model_dir,
+                                                                                  monkeypatch):
+    import json
+    import shutil
+
+    import yaml
+    from transformers import TrainerCallback
+
+    import dsft.data
+    from conftest import copy_task_rows, write_jsonl
+    from dsft.checkpoint import mark_complete
+    from dsft.config import load_config
+    from dsft.train import run
+
+    real_make = dsft.data.make_collator
+    batches: list = []
+
+    def recording_collator(cfg, pad_token_id):
+        inner = real_make(cfg, pad_token_id)
+
+        def collate(features):
+            batches.append([list(f["input_ids"]) for f in features])
+            return inner(features)
+        return collate
+
+    monkeypatch.setattr(dsft.data, "make_collator", recording_collator)  # build_trainer looks it up at call time
+
+    class StopAfterOneStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = True
+            control.should_save = state.global_step == 1  # the first run leaves checkpoint-1
+            return control
+
+    data = write_jsonl(tmp_path / "train.jsonl", copy_task_rows(400, seed=7))
+
+    def config(name: str, resume: str | None = None):
+        raw = {"model": {"name_or_path": str(tiny_model_dir), "dtype": "fp32"},
+               "data": {"train": str(data), "format": "prompt_completion", "max_seq_len": 64,
+                        "cache_dir": str(tmp_path / "cache"), "num_proc": 1},
+               "train": {"output_dir": str(tmp_path / name), "max_steps": 150, "per_device_train_batch_size": 2,
+                         "logging_steps": 1, "report_to": "none", "save_strategy": "steps", "save_steps": 1000, "seed": 0,
+                         "data_seed": 0, **({"resume_from_checkpoint": resume} if resume else {})}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return load_config(path)
+
+    run(config("a"), [StopAfterOneStep()])
+    first_run = list(batches)
+    # one step: its batch and the one accelerate's DataLoaderShard fetches ahead (to know the end of the epoch)
+    assert len(first_run) == 2
+    late = tmp_path / "checkpoint-120"  # 120 batches of 2 into a 200-batch epoch
+    shutil.move(str(tmp_path / "a" / "checkpoint-1"), late)
+    state = json.loads((late / "trainer_state.json").read_text())
+    (late / "trainer_state.json").write_text(json.dumps({**state, "global_step": 120}))
+    mark_complete(late)  # the marker lists file sizes
+
+    batches.clear()
+    run(config("b", resume=str(late)), [StopAfterOneStep()])
+    # as many batches collated as for one step from the start: the 120 skipped ones were never read or collated
+    assert len(batches) == len(first_run)
+    # ... and it is not the epoch's first batch again (what ignore_data_skip, no skip at all, would give)
+    assert batches[0] != first_run[0]
+    log = [json.loads(line) for line in (tmp_path / "b" / "dsft_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [121]

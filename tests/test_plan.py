@@ -346,3 +346,37 @@ def test_plan_models_the_chunked_loss_and_sequence_parallelism(llama8b_dir, trai
     assert stock - chunked == pytest.approx(4 * 4096 * vocab * 12 - 1024 * vocab * 16, rel=0.01)
     sp2 = acts(parallel={"sequence": 2})
     assert 0.45 < sp2 / chunked < 0.55
+
+
+def test_plan_models_the_eval_phase(llama8b_dir, train_file, tmp_path):
+    """With eval data and an eval strategy the plan has an evaluation phase: the stock loss holds the eval batch's
+    logits (bf16) while two fp32 tensors of the same size are built (the loss, then the metrics' per-row sums);
+    the chunked loss holds one chunk's fp32 logits and log-softmax."""
+    hw = P.hardware_from_flags(gpus_per_node=8, accelerator="H100", host_mem="2TiB")
+    ev = {"eval": train_file}
+    train = {"eval_strategy": "steps", "eval_steps": 10, "per_device_eval_batch_size": 2}
+
+    def phases(**sections):
+        return P.plan(_cfg(llama8b_dir, train_file, tmp_path, deepspeed="zero3", **sections),
+                      hw).configured_memory.phases
+
+    assert "evaluation" not in phases()
+    stock, chunked = phases(data=ev, train=train, loss={"impl": "stock"}), phases(data=ev, train=train)
+    vocab, tokens = 128256, 2 * 4096
+    assert stock["evaluation"] - chunked["evaluation"] == pytest.approx(
+        (2 + 8) * tokens * vocab - 8 * 1024 * vocab, rel=1e-6)
+    # eval batch 8 x 4,096 tokens x 128k vocabulary with the stock loss: the eval phase is the peak
+    big = phases(data=ev, train={**train, "per_device_eval_batch_size": 8}, loss={"impl": "stock"})
+    assert max(big, key=big.get) == "evaluation"
+
+
+def test_eval_activation_count():
+    shape = P.ModelShape("x", layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=1000,
+                         tied_embeddings=True, params=0, trainable=0, embedding_params=0, lm_head_params=0,
+                         matmul_params=0, frozen_matmul_params=0, quantizable_params=0, largest_layer_params=0)
+    bf16 = P.Precision(2, 2, False, 4, autocast=False)
+    layer = 2 * (3 * 64 + 2 * 64 + 2 * 32 + 4 * 128) + 2 * 256  # + the packing mask row per token
+    assert P.eval_activation_bytes(shape, bf16, 4, 256) == 4 * 256 * (layer + 10 * 1000)
+    assert P.eval_activation_bytes(shape, bf16, 4, 256, chunk_tokens=128) == 4 * 256 * layer + 8 * 128 * 1000
+    # sequence parallelism: a quarter of each row per rank at sp=4, no mask
+    assert P.eval_activation_bytes(shape, bf16, 4, 256, 128, sequence=4) == 4 * 64 * (layer - 512) + 8 * 128 * 1000
