@@ -9,8 +9,8 @@ need them), so the entry can install the filters before any library loads.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
-import json
 import logging
 import os
 import signal
@@ -62,6 +62,8 @@ def quiet_library_messages(rank: int | None = None) -> None:
         _drop("transformers.modeling_utils", "LOAD REPORT")
         # model config's pad/bos/eos aligned to the tokenizer's: a fact about the run, shown once by rank 0
         _drop("transformers.trainer_utils", "The tokenizer has new PAD/BOS/EOS tokens")
+        # transformers' "Loading weights" bar (outside zero.Init) would interleave with rank 0's; read at import
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def shm_op_built() -> bool:
@@ -92,7 +94,8 @@ def announce_cpu_comm_op(rank: int | None = None) -> None:
     "... built successfully" line DeepSpeed prints on every rank of every run is swallowed. Idempotent."""
     rank = _rank() if rank is None else rank
     # deferred: importing DeepSpeed costs seconds; only DeepSpeed runs on CPU get here
-    import deepspeed.comm.torch as ds_torch
+    # import_module: `import deepspeed.comm.torch as m` binds the torch package (deepspeed.comm re-exports it)
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
 
     original = getattr(ds_torch, "build_shm_op", None)
     if original is None or getattr(original, "dsft_wrapped", False):  # another DeepSpeed version, or done
@@ -100,7 +103,7 @@ def announce_cpu_comm_op(rank: int | None = None) -> None:
 
     def build_shm_op():
         if rank == 0 and not shm_op_built():
-            logger.info("building DeepSpeed's CPU communication op (%s), ~1 min, once: later runs load it", SHM_OP)
+            logger.info("building DeepSpeed's CPU communication op (%s), 1-2 min, once: later runs load it", SHM_OP)
         # only Python-level prints: DeepSpeed's success line; a failed build still raises with the compiler output
         with contextlib.redirect_stdout(io.StringIO()):
             return original()
@@ -119,8 +122,7 @@ def exit_after_user_error(message: str, code: int, rank_zero_reports: bool) -> N
     with ``code``. Never returns.
 
     ``rank_zero_reports``: the error is the same on every rank (config, data: each rank reads the same files), so
-    rank 0 prints it (and hands it to torchrun's failure report through $TORCHELASTIC_ERROR_FILE) and the others
-    print nothing and wait: had they exited at once, the launcher could kill rank 0 before it printed (seen with
+    rank 0 prints it and the others print nothing and wait: had they exited at once, the launcher could kill rank 0 before it printed (seen with
     torchrun: no message at all). A launcher stopping them (SIGTERM) ends them with ``code`` too. A rank whose
     error rank 0 does not share (not stopped within PEER_ERROR_WAIT_S) prints it itself, naming its rank.
     Otherwise every rank prints its error and exits at once."""
@@ -128,11 +130,9 @@ def exit_after_user_error(message: str, code: int, rank_zero_reports: bool) -> N
 
     rank = _rank()
     if rank == 0 or not rank_zero_reports:
+        # (not also into $TORCHELASTIC_ERROR_FILE: tried, torchrun's report then quotes the message but adds three
+        # log lines of its own about the file, one at ERROR level)
         print(f"dsft: error: {message}", file=sys.stderr)
-        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-        if error_file and rank == 0:  # torchrun's report then names the error instead of linking to its docs
-            with contextlib.suppress(OSError), open(error_file, "w") as f:
-                json.dump({"message": f"dsft error (exit {code}): {message}", "timestamp": int(time.time())}, f)
         exit_now(code)
     signal.signal(signal.SIGTERM, lambda *_: exit_now(code))
     time.sleep(PEER_ERROR_WAIT_S)

@@ -82,9 +82,9 @@ def save_failure(exc: BaseException, output_dir: str | Path, step: int | None,
                  what: str | None = None) -> CheckpointSaveError | None:
     """The :class:`CheckpointSaveError` for ``exc`` if it is a failed write (no space, quota, I/O error) under
     ``output_dir``, else None. ``step``: the step being saved (names ``checkpoint-<step>``); ``what`` overrides."""
-    if not _is_write_failure(exc):
-        return None
     out = Path(output_dir)
+    if not _is_write_failure(exc):
+        return _peer_save_failure(exc, out, step)
     if what is None:
         what = f"checkpoint {out / f'checkpoint-{step}'}" if step is not None and _in_save(exc) else f"a file in {out}"
     free = free_bytes(out)
@@ -96,6 +96,29 @@ def save_failure(exc: BaseException, output_dir: str | Path, step: int | None,
         f"could not write {what}: {cause[:160]}; {_mb(free) if free is not None else 'unknown'} free on "
         f"{out}; the last complete checkpoint is {last or 'none'} (a resume with resume_from_checkpoint: auto "
         "continues from it once there is room)")
+
+
+# what a rank sees when a peer died in the middle of a collective (gloo / NCCL)
+_PEER_LOST_TEXT = re.compile(r"Connection closed by peer|Connection reset by peer|remote worker crash|"
+                             r"NCCL communicator was aborted|Broken pipe", re.I)
+
+
+def _peer_save_failure(exc: BaseException, out: Path, step: int | None) -> CheckpointSaveError | None:
+    """On a rank whose own part of checkpoint-<step> was written: the checkpoint barrier failed because a peer died.
+    When the disk under output_dir has less room than the last complete checkpoint took, that peer's save is what
+    failed (the peer's own line says so); this rank says the same instead of a collective's traceback."""
+    if step is None or not _in_save(exc) or not _PEER_LOST_TEXT.search(str(exc)):
+        return None
+    last, _ = latest_complete_checkpoint(out)
+    free = free_bytes(out)
+    if last is None or free is None or free >= checkpoint_bytes(last):
+        return None
+    import os
+
+    return CheckpointSaveError(
+        f"rank {os.environ.get('RANK', '?')}: checkpoint {out / f'checkpoint-{step}'} was not written: another rank's "
+        f"save failed while only {_mb(free)} is free on {out} (the last checkpoint took {_mb(checkpoint_bytes(last))}); "
+        f"the last complete checkpoint is {last}")
 
 
 class DiskSpaceCallback(TrainerCallback):

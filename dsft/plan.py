@@ -44,6 +44,12 @@ DEFAULT_MFU_CPU = 0.4
 DEFAULT_HOST_BYTES = 512 * GiB
 GPU_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA/ROCm context + allocator reserve, per process
 GPU_HOST_PROCESS_BYTES = 3 * GiB  # host RAM of one GPU training process (libraries incl. CUDA, data, pinned bufs)
+# glibc malloc on the CPU: tensors up to its dynamic mmap threshold (<= 32 MiB) come from the heap once the threshold
+# has risen, and freed heap blocks stay resident (only the top of the heap is returned). Peak RSS in default
+# conditions exceeded what the run holds (runs with MALLOC_MMAP_THRESHOLD_=131072) by 17-26 % of the part above the
+# process baseline on every row measured both ways (bench/plan_validation.py: fp32/bf16, 1-2 ranks, ZeRO 0-3):
+# planned as a fraction on top. 0 when MALLOC_MMAP_THRESHOLD_ is set (freed blocks then leave RSS).
+GLIBC_RETAINED_FRACTION = 0.20
 FIT_FRACTION = 0.92  # plan to at most this share of device memory (allocator fragmentation, spikes)
 OFFLOAD_HOST_BYTES_PER_S = 10e9  # optimizer offload: host Adam + PCIe traffic, per device (rough)
 PCIE_BYTES_PER_S = 25e9  # parameter offload traffic per device
@@ -175,6 +181,7 @@ class Hardware:
     peak_flops: float | None = None  # per device; None: from ACCELERATORS
     mfu: float = DEFAULT_MFU
     process_baseline_bytes: int | None = None  # CPU: RSS of a training process before the model (measured)
+    malloc_retained_fraction: float | None = None  # CPU: glibc's retained heap; None: GLIBC_RETAINED_FRACTION
     assumed: str = ""  # how this hardware was chosen (a flag, or the machine dsft plan runs on); shown in the plan
 
     @property
@@ -562,6 +569,9 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
                                          cfg.model.attn_implementation)
         eval_act += 2 * shape.vocab * shape.hidden if prec.autocast else 0  # the lm_head's cast weight
         named.append(("evaluation", weights + optim + (grads if use_ds else 0) + buffers + eval_act + ref))
+    if hw.is_cpu:  # what glibc keeps resident of freed tensors, on top of what the phase holds
+        retained = _malloc_retained_fraction(hw)
+        named = [(k, v * (1 + retained)) for k, v in named]
     phases = {k: int(v + overhead) for k, v in named}
     peak_phase = max(phases, key=phases.get)
 
@@ -589,6 +599,12 @@ def keeps_reference_copy(cfg: RunConfig) -> bool:
 
 def _seq_len(cfg: RunConfig) -> int:
     return int(cfg.data.max_seq_len or 2048)
+
+
+def _malloc_retained_fraction(hw: Hardware) -> float:
+    if hw.malloc_retained_fraction is not None:
+        return hw.malloc_retained_fraction
+    return 0.0 if os.environ.get("MALLOC_MMAP_THRESHOLD_") else GLIBC_RETAINED_FRACTION
 
 
 def _overhead(hw: Hardware) -> int:
@@ -788,7 +804,10 @@ def plan(cfg: RunConfig, hw: Hardware) -> Plan:
                      f"{0.5 if quant == 4 else 1} byte + quantization constants; lm_head and embeddings unquantized")
     if hw.is_cpu:
         notes.append("CPU: per-rank memory includes the measured process baseline "
-                     f"({_overhead(hw) / GiB:.2f} GiB: libraries imported by a training process)")
+                     f"({_overhead(hw) / GiB:.2f} GiB: libraries imported by a training process), and "
+                     f"+{_malloc_retained_fraction(hw):.0%} of the rest for freed memory glibc malloc keeps resident")
+        if evaluates(cfg):
+            notes.append("evaluation phase: per_device_eval_batch_size rows (Trainer default 8) of max_seq_len tokens")
     else:
         notes.append(f"GPU: per-device memory includes {GPU_CONTEXT_BYTES / GiB:.2f} GiB for the CUDA context and "
                      f"allocator; a setup fits at <= {FIT_FRACTION:.0%} of device memory")

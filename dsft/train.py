@@ -316,6 +316,8 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool = False, over
             announce_cpu_comm_op(topo.rank)
     cfg = resolve_auto_dtype(cfg)  # model.dtype: auto -> this machine's faster precision, before anything uses it
     resume = None if overwrite else resolve_resume(cfg)
+    if resume is not None:  # a requeued or restarted job says where it continues from
+        logger.info("resuming from %s", resume)
     resume_check.check_output_dir(cfg, resume, overwrite)
     if resume is not None:
         resume_check.check_resume_matches(cfg, resume, force)

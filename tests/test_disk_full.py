@@ -91,11 +91,9 @@ def _train(config: Path, log: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.integration
-def test_a_full_disk_fails_with_one_line_and_resume_logs_each_step_once(tmp_path, tiny_model_dir, small_tmpfs):
-    out = small_tmpfs / "out"
+def _write_config(tmp_path: Path, model_dir: Path, out: Path) -> Path:
     data = write_jsonl(tmp_path / "train.jsonl", copy_task_rows(160, seed=1))
-    raw = {"model": {"name_or_path": str(tiny_model_dir), "dtype": "fp32"},
+    raw = {"model": {"name_or_path": str(model_dir), "dtype": "fp32"},
            "data": {"train": str(data), "format": "prompt_completion", "max_seq_len": 64, "packing": True,
                     "cache_dir": str(tmp_path / "cache")},
            "peft": {"lora": {"r": 4, "alpha": 8}},
@@ -104,10 +102,21 @@ def test_a_full_disk_fails_with_one_line_and_resume_logs_each_step_once(tmp_path
                      "save_strategy": "steps", "save_steps": 2, "resume_from_checkpoint": "auto"}}
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def _errors(stderr: str) -> list[str]:
+    # the progress bar shares the line (it ends in \r, not \n): take the error from where it starts
+    return [line[line.index("dsft: error:"):] for line in stderr.splitlines() if "dsft: error:" in line]
+
+
+@pytest.mark.integration
+def test_a_full_disk_fails_with_one_line_and_resume_logs_each_step_once(tmp_path, tiny_model_dir, small_tmpfs):
+    out = small_tmpfs / "out"
+    config = _write_config(tmp_path, tiny_model_dir, out)
 
     full = _train(config, tmp_path / "full.log")
-    # the progress bar shares the line (it ends in \r, not \n): take the error from where it starts
-    errors = [line[line.index("dsft: error:"):] for line in full.stderr.splitlines() if "dsft: error:" in line]
+    errors = _errors(full.stderr)
     assert full.returncode == 2, full.stderr[-3000:]
     assert len(errors) == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
     complete = [p for p in out.glob("checkpoint-*") if is_complete(p)]
@@ -128,3 +137,30 @@ def test_a_full_disk_fails_with_one_line_and_resume_logs_each_step_once(tmp_path
              if "loss" in json.loads(line)]
     assert steps == list(range(1, 21))  # each step once: the failed attempt's steps after `last` were dropped
     assert (out / "dsft_done.json").is_file()
+
+
+@pytest.mark.integration
+def test_a_full_disk_under_two_ranks_is_one_line_on_each_rank(tmp_path, tiny_model_dir, small_tmpfs):
+    """torchrun, 2 ranks: rank 0's save fails: one line; rank 1, whose small part was written, loses rank 0 in the
+    checkpoint barrier and says what happened too instead of a gloo traceback (if torchrun has not ended it first)."""
+    from conftest import free_port
+
+    out = small_tmpfs / "out"
+    config = _write_config(tmp_path, tiny_model_dir, out)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    env.update({"HF_HUB_OFFLINE": "1", "DSFT_CPU_THREADS": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+                "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(free_port()), "-m", "dsft.run", "--config", str(config)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    (tmp_path / "torchrun.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode != 0
+    errors = _errors(proc.stderr)
+    partial = [p for p in out.glob("checkpoint-*") if not is_complete(p)]
+    assert len(partial) == 1 and 1 <= len(errors) <= 2, proc.stderr[-4000:]
+    # usually rank 1's small RNG file fits and rank 0's save fails (both may run out of room: then both say so);
+    # rank 1 says its line only if it sees rank 0 gone before torchrun, which saw it first, ends rank 1 (a race)
+    own = [e for e in errors if f"could not write checkpoint {partial[0]}:" in e]
+    peer = [e for e in errors if e.startswith(f"dsft: error: rank 1: checkpoint {partial[0]} was not written")]
+    assert own and len(own) + len(peer) == len(errors), errors
+    assert "[rank1]: Traceback" not in proc.stderr and "[rank0]: Traceback" not in proc.stderr

@@ -451,3 +451,53 @@ def test_dsft_submit_dpo_job_survives_a_preemption(slurm, tmp_path, tiny_model_d
     # the resumed attempt kept the preference it had learned: rewards keep ranking chosen above rejected
     assert logs[-1]["rewards/margins"] > 0 and logs[-1]["rewards/accuracies"] > 0.5, logs[-1]
     assert (out / "adapter_model.safetensors").is_file() and (out / "dsft_done.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# dsft prepare-preference: HumanEval pairs (canonical solution vs the model's own greedy completion)
+
+
+def test_greedy_completion_is_cut_where_the_function_ends():
+    from dsft.preference_pairs import build_pairs, cut_at_stop
+
+    text = "    return x + 1\n\n\ndef main():\n    print(f(2))\n"
+    assert cut_at_stop(text) == "    return x + 1\n"
+    assert cut_at_stop("    return 1\n\nif __name__ == '__main__':\n    f()") == "    return 1\n"
+    assert cut_at_stop("\n\ndef other():") == ""
+    rows = [{"prompt": "def f(x):\n", "completion": "    return x + 1\n"},
+            {"prompt": "def g(x):\n", "completion": "    return x * 2\n"},
+            {"prompt": "def h(x):\n", "completion": "    return -x\n"}]
+    pairs, skipped = build_pairs(rows, [text.replace("+", "-"), "    return x * 2\n# done", "\ndef h2(): pass"])
+    # g's greedy answer equals its solution and h's is empty: no preference in either
+    assert skipped == 2 and pairs == [{"prompt": "def f(x):\n", "chosen": "    return x + 1\n",
+                                       "rejected": "    return x - 1\n"}]
+
+
+def test_prepare_preference_writes_pairs_once_and_names_missing_inputs(tmp_path, tiny_model_dir, capsys):
+    from dsft.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(["prepare-preference", "--cache-dir", str(cache), "--model", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsft: error: ") and "dsft prepare-demo" in err[0]
+    src = cache / "data" / "humaneval"
+    src.mkdir(parents=True)
+    solutions = [{"prompt": f"def f{i}(x):\n    \"\"\"add {i}\"\"\"\n", "completion": f"    return x + {i}\n"}
+                 for i in range(5)]
+    write_jsonl(src / "train.jsonl", solutions[:3])
+    write_jsonl(src / "eval.jsonl", solutions[3:])
+    args = ["prepare-preference", "--cache-dir", str(cache), "--model", str(tiny_model_dir), "--max-new-tokens", "8",
+            "--batch-size", "2"]
+    assert main(args) == 0
+    out = cache / "data" / "humaneval-dpo"
+    for name, rows in (("train", solutions[:3]), ("eval", solutions[3:])):
+        pairs = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        by_prompt = {r["prompt"]: r for r in rows}
+        assert 0 < len(pairs) <= len(rows)
+        for pair in pairs:  # the canonical solution is chosen; the random tiny model's text is rejected
+            assert pair["chosen"] == by_prompt[pair["prompt"]]["completion"] and pair["rejected"] != pair["chosen"]
+    first = capsys.readouterr().out
+    assert "train_pairs: " in first and "up_to_date" not in first
+    assert main(args) == 0 and "up_to_date: True" in capsys.readouterr().out  # same settings: no second generation
+    assert main(args[:-2] + ["--batch-size", "0"]) == 2
+    assert capsys.readouterr().err.strip().startswith("dsft: error: --max-new-tokens, --batch-size and --limit")
