@@ -52,9 +52,16 @@ ROWS = {
     "135m-2r-zero3-lora": ("135m", 2, "zero3", False, True),
     # `make demo`'s config file unchanged (bf16 on CPUs with AVX512-BF16/AMX, eval before and during training)
     "demo": ("demo", 1, None, False, True),
+    # the demo with the stock loss, one step: the evaluation before training (8 rows x 512 tokens of full logits)
+    # is its peak -- the phase the planner missed before (issue 12: 5.04 GB measured vs 2.67 GB planned)
+    "demo-stock-loss-1step": ("demo", 1, None, False, True),
     # a long sequence: SmolLM2-135M cut to 2 layers, 1 x 8,192 packed tokens, chunked loss (the default)
     "135m-2L-8k-1r-ac-lora": ("135m-2L", 1, None, True, True),
 }
+# where the tiny / 135m rows were measured (2026-11-22, before the machine and baseline were stored per row)
+LEGACY = {"machine": {"host": "vm", "cpu": "AMD EPYC", "cores": 2, "memory_gib": 23.5,
+                      "loadavg_at_start": [3.57, 6.43, 7.26], "python": "3.11.7"},
+          "process_baseline_bytes": 579395584}
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo-smollm2-lora.yaml"
 LONG_SEQ = 8192
 SEQ, MICRO = 256, 2
@@ -65,7 +72,11 @@ def run_config(row: str, steps: int) -> dict:
     if model == "demo":  # as `make demo` runs it: all 16 steps and 3 evaluations (the eval phase is the point)
         import yaml
 
-        return yaml.safe_load(DEMO.read_text())
+        cfg = yaml.safe_load(DEMO.read_text())
+        if row == "demo-stock-loss-1step":
+            cfg["loss"] = {"impl": "stock"}
+            cfg["train"].update(max_steps=1, save_strategy="no")
+        return cfg
     if model == "135m-2L":
         return {
             "model": {"name_or_path": str(SMOLLM2), "init": "from_config", "dtype": "auto",
@@ -81,6 +92,8 @@ def run_config(row: str, steps: int) -> dict:
         "model": {"name_or_path": str(SMOLLM2), "init": "from_config", "dtype": "fp32",
                   "config_overrides": TINY if model == "tiny" else {}},
         "data": {"train": str(HUMANEVAL), "format": "prompt_completion", "max_seq_len": SEQ, "packing": True},
+        # the stock loss: these rows were first measured (2026-11-22) before the chunked loss existed
+        "loss": {"impl": "stock"},
         "train": {"output_dir": "unused", "max_steps": steps, "per_device_train_batch_size": MICRO,
                   "logging_steps": 1, "report_to": "none", "save_strategy": "no", "bf16": False,
                   "gradient_checkpointing": ac, "seed": 0},
@@ -127,6 +140,11 @@ def main() -> None:
     stored = RESULTS / "plan_validation.json"
     previous = json.loads(stored.read_text()) if stored.is_file() else {"rows": []}
     measured = {r["row"]: r for r in previous["rows"] if r["row"] in ROWS}
+    for r in measured.values():  # stored before the loss section existed: measured with the stock loss
+        if ROWS[r["row"]][0] in ("tiny", "135m"):
+            r["config"].setdefault("loss", {"impl": "stock"})
+            for key, value in LEGACY.items():
+                r.setdefault(key, value)
     if a.reuse:
         baseline, info = previous["process_baseline_bytes"], previous["machine"]
     else:
@@ -137,6 +155,8 @@ def main() -> None:
                 cfg = run_config(row, a.steps)
                 entry = measured.get(row) if measured.get(row, {}).get("config") == cfg else None
                 entry = entry or {"row": row, "config": cfg, "seconds": {}, "peak_rss_bytes": {}}
+                # each row is predicted with the baseline of the machine it ran on
+                entry.update(machine=info, process_baseline_bytes=baseline)
                 measured[row] = entry
                 for alloc in a.allocators:
                     env = cpu_env(**(FIXED_MMAP_THRESHOLD if alloc == "fixed" else {}))
@@ -152,8 +172,9 @@ def main() -> None:
     rows_out, table = [], []
     for row in [r for r in ROWS if r in measured]:
         m = measured[row]
-        pred = predict(m["config"], ROWS[row][1], baseline)  # default conditions: glibc's retention planned
-        live = predict(m["config"], ROWS[row][1], baseline, retained=0.0)  # what the run holds
+        base = m.get("process_baseline_bytes", baseline)
+        pred = predict(m["config"], ROWS[row][1], base)  # default conditions: glibc's retention planned
+        live = predict(m["config"], ROWS[row][1], base, retained=0.0)  # what the run holds
         fixed, default = m["peak_rss_bytes"].get("fixed", {}), m["peak_rss_bytes"].get("default", {})
         errors, errors_fixed = {}, {}
         for rank in sorted(set(fixed) | set(default)):
@@ -168,13 +189,13 @@ def main() -> None:
                           ("yes" if abs(err) <= 0.15 else "NO") if err is not None else "-",
                           f"{live['peak'] / 2**30:.2f}", f"{fix / 2**30:.2f}" if fix else "-",
                           f"{errors_fixed[rank]:+.1%}" if fix else "-",
-                          f"{(meas - fix) / (fix - baseline):+.0%}" if meas and fix else "-"])
+                          f"{(meas - fix) / (fix - base):+.0%}" if meas and fix else "-", m.get("machine", {}).get("cpu", "-")])
         rows_out.append({**m, "predicted": pred, "predicted_without_retention": live,
                          "relative_error_default_malloc": errors, "relative_error_fixed_malloc": errors_fixed})
     headers = ["row", "model", "ranks", "ZeRO", "act. ckpt", "tuning", "rank", "predicted peak (GiB)",
                "predicted peak phase", "measured peak RSS (GiB)", "error", "within 15%",
                "predicted without retention (GiB)", "peak RSS, fixed malloc threshold (GiB)", "error vs fixed",
-               "retained (default - fixed) / (fixed - baseline)"]
+               "retained (default - fixed) / (fixed - baseline)", "CPU"]
     print(markdown_table(headers, table))
     errs = [abs(e) for r in rows_out for e in r["relative_error_default_malloc"].values() if e is not None]
     worst = max(errs, default=0.0)

@@ -29,7 +29,7 @@ logger = logging.getLogger("dsft")
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
 # how the errno-less errors of safetensors (Rust io::Error) and torch.save (PytorchStreamWriter) read
 _WRITE_FAILURE_TEXT = re.compile(r"No space left|Disk quota|Input/output error|File too large|StorageFull|"
-                                 r"QuotaExceeded|code: (28|122|5|27)\b|file write failed|unexpected pos", re.I)
+                                 r"QuotaExceeded|Os \{ code: (28|122|5|27)\b|file write failed|unexpected pos", re.I)
 # frames of a checkpoint save in the Trainer (and dsft's marker-writing callback)
 _SAVE_FRAMES = {"_save_checkpoint", "on_save", "_save", "save_model", "_save_optimizer_and_scheduler",
                 "_save_rng_state", "save_checkpoint"}

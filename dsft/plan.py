@@ -379,7 +379,7 @@ def layer_activation_bytes(shape: ModelShape, prec: Precision, seq_len: int, att
 
 def activation_bytes(shape: ModelShape, prec: Precision, micro_batch: int, seq_len: int, checkpointing: bool,
                      attn: str = "sdpa", lora_dropout: float = 0.0, chunk_tokens: int | None = None,
-                     sequence: int = 1) -> dict[str, float]:
+                     sequence: int = 1, heap_retains: bool = False) -> dict[str, float]:
     """Activation memory of one micro-batch. ``saved_forward``: what autograd holds at the end of the forward
     pass; ``total``: the peak at the start of backward, which adds the loss's gradients over the vocabulary (and
     with checkpointing, the recomputed layer).
@@ -388,7 +388,11 @@ def activation_bytes(shape: ModelShape, prec: Precision, micro_batch: int, seq_l
     vocabulary-wide tensors exist for one chunk at a time (logits, log-softmax and their gradients, recomputed in
     backward). ``sequence``: sequence parallelism puts seq_len / sequence tokens of each row on a rank; attention
     runs without a mask there (DeepSpeed drops it), on the full row for heads / sequence -- the same bytes per
-    local token for q, k, v and the output."""
+    local token for q, k, v and the output.
+
+    ``heap_retains`` (the CPU with glibc's default malloc): the vocabulary-wide transients (> 32 MiB: their own
+    mappings, returned when freed) and the recomputed layer (tensors of a few MiB: glibc's heap, which keeps them
+    resident after they are freed) add up instead of taking turns."""
     tokens = micro_batch * -(-seq_len // max(1, sequence))
     full = shape.frozen_matmul_params == 0
     per_layer = layer_activation_bytes(shape, prec, seq_len, attn, lora_dropout, full)
@@ -404,13 +408,13 @@ def activation_bytes(shape: ModelShape, prec: Precision, micro_batch: int, seq_l
         saved = (layers_saved + saved_loss) * tokens
         # one chunk at a time: fp32 logits + log-softmax in forward; recomputed logits and two gradients in backward
         chunk = 16 * shape.vocab * min(chunk_tokens, tokens)
-        return {"per_layer_per_token": per_layer, "saved_forward": saved,
-                "total": saved + max(chunk, recompute * tokens)}
+        both = (chunk + recompute * tokens) if heap_retains else max(chunk, recompute * tokens)
+        return {"per_layer_per_token": per_layer, "saved_forward": saved, "total": saved + both}
     saved_loss = 4 * shape.vocab + final_norm  # cross_entropy keeps the fp32 log-softmax
     backward = 8 * shape.vocab  # at the start of backward: its gradient and the logits' gradient
     saved = (layers_saved + saved_loss) * tokens
-    return {"per_layer_per_token": per_layer, "saved_forward": saved,
-            "total": saved + max(backward, recompute) * tokens}
+    both = (backward + recompute) if heap_retains else max(backward, recompute)
+    return {"per_layer_per_token": per_layer, "saved_forward": saved, "total": saved + both * tokens}
 
 
 def eval_activation_bytes(shape: ModelShape, prec: Precision, rows: int, seq_len: int,
@@ -513,7 +517,8 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
     sp = cfg.parallel.sequence
     acts = activation_bytes(shape, prec, rows, _seq_len(cfg), setup.activation_checkpointing,
                             cfg.model.attn_implementation, cfg.peft.lora.dropout if cfg.peft is not None else 0.0,
-                            chunk_tokens=chunk, sequence=sp)
+                            chunk_tokens=chunk, sequence=sp,
+                            heap_retains=hw.is_cpu and _malloc_retained_fraction(hw) > 0)
     act = acts["total"]
     act += autocast_weight_copies(shape, prec, setup.activation_checkpointing)
 
