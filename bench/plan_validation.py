@@ -75,7 +75,7 @@ def run_config(row: str, steps: int) -> dict:
         cfg = yaml.safe_load(DEMO.read_text())
         if row == "demo-stock-loss-1step":
             cfg["loss"] = {"impl": "stock"}
-            cfg["train"].update(max_steps=1, save_strategy="no")
+            cfg["train"]["max_steps"] = 1
         return cfg
     if model == "135m-2L":
         return {
@@ -189,7 +189,8 @@ def main() -> None:
                           ("yes" if abs(err) <= 0.15 else "NO") if err is not None else "-",
                           f"{live['peak'] / 2**30:.2f}", f"{fix / 2**30:.2f}" if fix else "-",
                           f"{errors_fixed[rank]:+.1%}" if fix else "-",
-                          f"{(meas - fix) / (fix - base):+.0%}" if meas and fix else "-", m.get("machine", {}).get("cpu", "-")])
+                          f"{(meas - fix) / (fix - base):+.0%}" if meas and fix else "-",
+                          m.get("machine", {}).get("cpu", "-")])
         rows_out.append({**m, "predicted": pred, "predicted_without_retention": live,
                          "relative_error_default_malloc": errors, "relative_error_fixed_malloc": errors_fixed})
     headers = ["row", "model", "ranks", "ZeRO", "act. ckpt", "tuning", "rank", "predicted peak (GiB)",

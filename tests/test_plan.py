@@ -363,8 +363,9 @@ def test_plan_models_the_eval_phase(llama8b_dir, train_file, tmp_path):
     assert "evaluation" not in phases()
     stock, chunked = phases(data=ev, train=train, loss={"impl": "stock"}), phases(data=ev, train=train)
     vocab, tokens = 128256, 2 * 4096
+    # train.bf16: accelerate's mixed-precision wrapper hands the logits over in fp32 (4 bytes, not the bf16 2)
     assert stock["evaluation"] - chunked["evaluation"] == pytest.approx(
-        (2 + 8) * tokens * vocab - 8 * 1024 * vocab, rel=1e-6)
+        (4 + 8) * tokens * vocab - 8 * 1024 * vocab, rel=1e-6)
 
 
 def test_eval_activation_count():
@@ -375,6 +376,7 @@ def test_eval_activation_count():
     layer = 2 * (3 * 64 + 2 * 64 + 2 * 32 + 4 * 128) + 2 * 256  # + the packing mask row per token
     assert P.eval_activation_bytes(shape, bf16, 4, 256) == 4 * 256 * (layer + 10 * 1000)
     assert P.eval_activation_bytes(shape, bf16, 4, 256, chunk_tokens=128) == 4 * 256 * layer + 8 * 128 * 1000
+    assert P.eval_activation_bytes(shape, bf16, 4, 256, fp32_outputs=True) == 4 * 256 * (layer + 12 * 1000)
     # sequence parallelism: a quarter of each row per rank at sp=4, no mask
     assert P.eval_activation_bytes(shape, bf16, 4, 256, 128, sequence=4) == 4 * 64 * (layer - 512) + 8 * 128 * 1000
 
