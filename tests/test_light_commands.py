@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, copy_task_rows, write_jsonl
 
 HEAVY = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate", "datasets")
 # at exit, so that commands argparse ends itself (--help) report too
@@ -41,10 +41,13 @@ def _job_folder(tmp_path):
 
 @pytest.mark.parametrize("command", ["help", "reference", "status", "sbatch", "sbatch-zero3"])
 def test_light_commands_import_neither_torch_nor_transformers(command, tmp_path):
+    # the example's own data lives in .cache/dsft (made by make demo): point it at a file of its own
+    data = write_jsonl(tmp_path / "train.jsonl", copy_task_rows(4))
     config = tmp_path / "run.yaml"
-    config.write_text((REPO / "examples" / "tiny-from-config.yaml").read_text().replace(
-        "output_dir: runs/", f"output_dir: {tmp_path}/runs/")
-        + ("deepspeed: zero3\n" if command == "sbatch-zero3" else ""))
+    config.write_text((REPO / "examples" / "tiny-from-config.yaml").read_text()
+                      .replace("output_dir: runs/", f"output_dir: {tmp_path}/runs/")
+                      .replace("train: .cache/dsft/data/humaneval/train.jsonl", f"train: {data}")
+                      + ("deepspeed: zero3\n" if command == "sbatch-zero3" else ""))
     args = {"help": ["--help"], "reference": ["reference"], "status": ["status", str(_job_folder(tmp_path))],
             "sbatch": ["sbatch", str(config)], "sbatch-zero3": ["sbatch", str(config)]}[command]
     heavy = _heavy_imports(args)

@@ -6,8 +6,8 @@ objects, so parsing is instant; the cost comes from whatever walks or copies the
 
 from __future__ import annotations
 
+import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -110,27 +110,30 @@ def test_budget_edge_and_self_reference():
     assert load_yaml_text("a: &x [1]\nb: *x\n", "t") == yaml.safe_load("a: &x [1]\nb: *x\n")
 
 
+# Runs the command as its own child and reports that child's usage. The extra process matters: Linux keeps a
+# process's peak RSS across fork and exec, so a child forked straight from this (large) pytest process would report
+# pytest's peak; a child of this small launcher starts its count afresh.
+_LAUNCHER = """
+import json, resource, subprocess, sys
+deadline, cmd = float(sys.argv[1]), sys.argv[2:]
+try:
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=deadline)
+    status, err = proc.returncode, proc.stderr
+except subprocess.TimeoutExpired as e:
+    status, err = -9, (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"status": status, "stderr": err, "cpu_s": u.ru_utime + u.ru_stime, "rss_mb": u.ru_maxrss / 1024}))
+"""
+
+
 def _run_limited(args: list[str], deadline_s: float) -> tuple[int, str, float, float]:
-    """Run ``python -m dsft ARGS``; (exit status, stderr, CPU seconds, peak RSS in MB) of that child alone (wait4),
+    """Run ``python -m dsft ARGS``; (exit status, stderr, CPU seconds, peak RSS in MB) of that process alone,
     killed at ``deadline_s`` of wall time (a loaded CI machine: the limits below are on CPU time and memory)."""
-    err_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"dsft-bomb-{os.getpid()}-{time.monotonic_ns()}.err"
-    with open(err_path, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "dsft", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    end = time.monotonic() + deadline_s
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > end:
-            proc.send_signal(signal.SIGKILL)
-            _, status, usage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
-    stderr = err_path.read_text()
-    err_path.unlink()
-    return proc.returncode, stderr, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, str(deadline_s), sys.executable, "-m", "dsft", *args],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          timeout=deadline_s + 60)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return r["status"], r["stderr"], r["cpu_s"], r["rss_mb"]
 
 
 @pytest.mark.integration
@@ -146,7 +149,6 @@ def test_alias_bomb_in_a_real_process(tmp_path, tiny_model_dir, where):
     assert status == 2, stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("dsft: error: ") and "YAML alias *f" in lines[0], lines
     assert (str(path) in lines[0]) if where != "--set" else ("--set deepspeed_overrides.y: line 1:" in lines[0])
-    # before the fix: > 2 minutes of CPU and 6 GB. The CLI's own imports take ~0.1-2 s of CPU here. ru_maxrss also
-    # counts the pages the child inherited from this (pytest) process at fork, so it over- not under-states.
+    # before the fix: > 2 minutes of CPU and 6 GB. The CLI's own imports take ~0.1-2 s of CPU here.
     assert cpu_s < 10, cpu_s
     assert rss_mb < 1024, rss_mb
