@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import subprocess
@@ -24,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import REPO, machine, write_result  # noqa: E402
+
 TOKENIZER = REPO / ".cache/dsft/models/SmolLM2-135M-Instruct"
 WORDS = ("the of and to in is was for on that with as by at from it an be this are or have not which one you all "
          "model data train token loss rank node cache file line batch step").split()
@@ -83,6 +84,7 @@ def dsft_run(path: Path, cache: Path, num_proc: int, packing: bool) -> dict:
 
 
 def main() -> int:
+    machine_info = machine()  # the load before the runs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--workdir", default="/tmp/dsft-bench-data-prep")
@@ -126,13 +128,8 @@ def main() -> int:
     if "dsft_1" in results and "dsft_2" in results:
         results["speedup_2_vs_1"] = round(results["dsft_2"]["tokens_per_s"] / results["dsft_1"]["tokens_per_s"], 3)
         print(f"2 processes vs 1: {results['speedup_2_vs_1']}x")
-    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx2") if f in Path("/proc/cpuinfo").read_text()})
-    results["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-                          "flags": flags, "load_avg_at_end": os.getloadavg()}
-    out = REPO / "bench/results/data_prep.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    results["machine"] = dict(machine_info, load_avg_at_end=os.getloadavg())
+    print(f"wrote {write_result('data_prep', results)}")
     return 0
 
 

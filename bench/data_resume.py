@@ -25,14 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import REPO, machine, write_result  # noqa: E402
+
 MODEL = REPO / ".cache/dsft/models/SmolLM2-135M-Instruct"
 STARTED = time.monotonic()  # of this process: the children measure from their own start
 
@@ -122,6 +123,7 @@ def child(phase: str, config: Path, steps: int) -> dict:
 
 
 def main() -> int:
+    machine_info = machine()  # the load before the runs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--step", type=int, default=50_000, help="the checkpoint's global step (batch 8, 1 rank)")
@@ -175,12 +177,8 @@ def main() -> int:
     results["resume"] = run_child("resume", write_config(work, a.rows, "resume", total, resume=str(late)))
     results["replay"] = run_child("replay", write_config(work, a.rows, "fresh", total))
     assert results["resume"]["start_step"] == a.step and results["resume"]["first_step"] == a.step + 1
-    results["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-                          "load_avg_at_end": os.getloadavg()}
-    out = REPO / "bench/results/data_resume.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    results["machine"] = dict(machine_info, load_avg_at_end=os.getloadavg())
+    print(f"wrote {write_result('data_resume', results)}")
     return 0
 
 

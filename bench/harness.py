@@ -131,8 +131,11 @@ def machine() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"host": platform.node(), "cpu": model, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
-            "loadavg_at_start": os.getloadavg(), "python": platform.python_version()}
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = sorted({f for f in ("avx2", "avx512_bf16", "amx_bf16") if f in text})  # native bf16 or not
+    return {"host": platform.node(), "cpu": model, "cpu_flags": flags, "cores": os.cpu_count(),
+            "memory_gib": round(mem / 2**30, 1), "loadavg_at_start": os.getloadavg(),
+            "python": platform.python_version()}
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -258,6 +258,25 @@ def legacy_alpaca(row: dict, fmt: RowFormat) -> bool:
     return fmt.prompt_field not in row and fmt.instruction_field in row and fmt.output_field in row
 
 
+def standard_turns(turns: list, fmt: RowFormat, where: str, label: str = "") -> list[dict]:
+    """``turns`` as [{role, content}] with standard roles (data.roles / role_key / content_key map others), each
+    checked; ``label`` names the field in errors when a row has several chats (preference data)."""
+    clean = []
+    for i, msg in enumerate(turns):
+        if not isinstance(msg, dict) or fmt.role_key not in msg or fmt.content_key not in msg:
+            raise DataError(f"{where}: {label}message {i} must have {fmt.role_key} and {fmt.content_key}")
+        role = fmt.roles.get(msg[fmt.role_key]) if isinstance(msg[fmt.role_key], str) else None
+        if role is None:
+            raise DataError(f"{where}: {label}message {i} has {fmt.role_key} {msg[fmt.role_key]!r}; expected one of "
+                            f"{', '.join(fmt.roles)} (data.roles maps other names)")
+        content = msg[fmt.content_key]
+        if not isinstance(content, str):
+            raise DataError(f"{where}: {label}message {i} {fmt.content_key} must be a string, got "
+                            f"{type(content).__name__}")
+        clean.append({"role": role, "content": content})
+    return clean
+
+
 def chat_messages(row: dict, fmt: RowFormat, where: str) -> list[dict]:
     """The row as [{role, content}] with standard roles, checked; at least one non-empty assistant turn."""
     if fmt.format == "alpaca":
@@ -272,21 +291,10 @@ def chat_messages(row: dict, fmt: RowFormat, where: str) -> list[dict]:
         raise DataError(f"{where}: missing field '{fmt.messages_field}'")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: '{fmt.messages_field}' must be a non-empty list of {shape}")
-    clean = []
-    for i, msg in enumerate(turns):
-        if not isinstance(msg, dict) or fmt.role_key not in msg or fmt.content_key not in msg:
-            raise DataError(f"{where}: message {i} must have {fmt.role_key} and {fmt.content_key}")
-        role = fmt.roles.get(msg[fmt.role_key]) if isinstance(msg[fmt.role_key], str) else None
-        if role is None:
-            known = ", ".join(fmt.roles)
-            raise DataError(f"{where}: message {i} has {fmt.role_key} {msg[fmt.role_key]!r}; expected one of {known} "
-                            "(data.roles maps other names)")
-        content = msg[fmt.content_key]
-        if not isinstance(content, str):
-            raise DataError(f"{where}: message {i} {fmt.content_key} must be a string, got {type(content).__name__}")
-        if role == "assistant" and not content.strip():
+    clean = standard_turns(turns, fmt, where)
+    for i, msg in enumerate(clean):
+        if msg["role"] == "assistant" and not msg["content"].strip():
             raise DataError(f"{where}: message {i} (assistant) is empty")
-        clean.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in clean):
         raise DataError(f"{where}: the chat has no assistant turn, so there is nothing to learn")
     return clean

@@ -20,6 +20,7 @@ import logging
 from typing import Any
 
 from dsft.config import RunConfig
+from dsft.data_formats import standard_turns
 from dsft.errors import ConfigError, DataError
 from dsft.preference_checks import row_shape, trl_config_class
 
@@ -49,19 +50,7 @@ def _messages(value: Any, fmt, where: str, name: str) -> list[dict]:
     """A list of {role, content} turns with standard roles (data.roles / role_key / content_key map others)."""
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field '{name}' must be text or a non-empty list of messages")
-    out = []
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or fmt.role_key not in msg or fmt.content_key not in msg:
-            raise DataError(f"{where}: field '{name}' message {i} must have {fmt.role_key} and {fmt.content_key}")
-        role = fmt.roles.get(msg[fmt.role_key]) if isinstance(msg[fmt.role_key], str) else None
-        if role is None:
-            raise DataError(f"{where}: field '{name}' message {i} has {fmt.role_key} {msg[fmt.role_key]!r}; "
-                            f"expected one of {', '.join(fmt.roles)} (data.roles maps other names)")
-        content = msg[fmt.content_key]
-        if not isinstance(content, str):
-            raise DataError(f"{where}: field '{name}' message {i} {fmt.content_key} must be a string")
-        out.append({"role": role, "content": content})
-    return out
+    return standard_turns(value, fmt, where, label=f"field '{name}' ")
 
 
 def _part(row: dict, field: str, fmt, where: str, chat: bool | None) -> tuple[Any, bool]:

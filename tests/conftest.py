@@ -23,6 +23,13 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+# the char tokenizer's ids (build_char_tokenizer), for tests that spell out expected tokens
+VOCAB = {tok: i for i, tok in enumerate(SPECIALS + [c for c in string.printable if c not in "\x0b\x0c\r"])}
+EOS, IM_START, IM_END = VOCAB["</s>"], VOCAB["<|im_start|>"], VOCAB["<|im_end|>"]
+
+
+def chars(text: str) -> list[int]:
+    return [VOCAB[c] for c in text]
 
 
 def build_char_tokenizer():
@@ -30,9 +37,7 @@ def build_char_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(vocab=dict(VOCAB), unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIALS)

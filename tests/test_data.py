@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import string
 
 import pytest
 import torch
 
-from conftest import SPECIALS, write_jsonl
+from conftest import EOS, IM_END, IM_START, chars, write_jsonl
 from dsft.config import DataConfig
 from dsft.data import (
     IGNORE_INDEX,
@@ -20,13 +19,7 @@ from dsft.data import (
 )
 from dsft.errors import DataError
 
-VOCAB = {tok: i for i, tok in enumerate(SPECIALS + [c for c in string.printable if c not in "\x0b\x0c\r"])}
-EOS, IM_START, IM_END = VOCAB["</s>"], VOCAB["<|im_start|>"], VOCAB["<|im_end|>"]
 X = IGNORE_INDEX
-
-
-def chars(text: str) -> list[int]:
-    return [VOCAB[c] for c in text]
 
 
 def masked(ids: list[int]) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, SPECIALS, copy_task_rows, write_jsonl
+from conftest import EOS, IM_END, IM_START, REPO, chars, copy_task_rows, write_jsonl
 from dsft.cli import main
 from dsft.config import DataConfig, DataSource, from_dict, validate
 from dsft.data import (
@@ -28,13 +27,8 @@ from dsft.data import (
 from dsft.data_formats import resolve_format, resolve_sources
 from dsft.errors import ConfigError, DataError
 
-VOCAB = {tok: i for i, tok in enumerate(SPECIALS + [c for c in string.printable if c not in "\x0b\x0c\r"])}
-EOS, IM_START, IM_END = VOCAB["</s>"], VOCAB["<|im_start|>"], VOCAB["<|im_end|>"]
 X = IGNORE_INDEX
 
-
-def chars(text: str) -> list[int]:
-    return [VOCAB[c] for c in text]
 
 
 def turn(role: str, content: str) -> list[int]:
