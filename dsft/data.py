@@ -16,6 +16,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import socket
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from dsft.config import DATA_SUFFIXES, DataConfig
+from dsft.data_cache import is_complete, preparing, wait_for_cache
 from dsft.data_formats import (
     RowFormat,
     Source,
@@ -405,8 +408,30 @@ def tokenize_batch(batch: dict, fmt: RowFormat, tokenizer, path: str, kind: str,
     return out
 
 
+class Scratch:
+    """The Arrow files of one preparation's steps (tokenize, filter, pack), in a folder of their own beside the
+    cache entry, removed once the entry is saved.
+
+    Named explicitly because datasets otherwise writes them beside the source's files (inside a user's
+    save_to_disk folder, or the HF cache, where they stay), and a same-named file left there by an earlier run
+    makes ``datasets.map`` keep that run's shard count: ``num_proc`` was silently ignored on a second preparation."""
+
+    def __init__(self, root: Path):
+        self.root, self.count = root, 0
+
+    def file(self, step: str) -> str:
+        if self.count == 0:
+            shutil.rmtree(self.root, ignore_errors=True)  # left by a killed run whose pid this process reuses
+            self.root.mkdir(parents=True)
+        self.count += 1
+        return str(self.root / f"{self.count:03d}-{step}.arrow")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 def tokenize_dataset(ds, fmt: RowFormat, tokenizer, src: Source, kind: str, max_len: int | None,
-                     num_proc: int | None = None):
+                     num_proc: int | None = None, scratch: Scratch | None = None):
     """Tokenize one source's rows, truncate and drop samples with nothing to learn; return (dataset, DataStats).
 
     Batches go through ``datasets.map`` in ``num_proc`` worker processes; every batch is written to an Arrow
@@ -419,6 +444,7 @@ def tokenize_dataset(ds, fmt: RowFormat, tokenizer, src: Source, kind: str, max_
                        fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "path": src.path, "kind": kind,
                                   "max_len": max_len},
                        remove_columns=ds.column_names, desc=f"tokenizing {src.name}", load_from_cache_file=False,
+                       cache_file_name=scratch and scratch.file(f"tokenized-{kind}-{src.name}"),
                        new_fingerprint=_fingerprint("tokenize", ds._fingerprint, src.name, kind, max_len, fmt,
                                                     getattr(tokenizer, "name_or_path", ""), len(tokenizer),
                                                     getattr(tokenizer, "chat_template", None)))
@@ -435,7 +461,8 @@ def tokenize_dataset(ds, fmt: RowFormat, tokenizer, src: Source, kind: str, max_
     stats.dropped_no_target = len(tokenized) - int(pc.sum(pc.cast(keep, "int64")).as_py() or 0)
     if stats.dropped_no_target:
         tokenized = tokenized.filter(lambda n: [x > 0 for x in n], input_columns="n_targets", batched=True,
-                                     num_proc=workers, load_from_cache_file=False)
+                                     num_proc=workers, load_from_cache_file=False,
+                                     cache_file_name=scratch and scratch.file(f"kept-{kind}-{src.name}"))
     if len(tokenized) == 0:
         raise DataError(f"{src.where} ({src.path}): no sample has a token to learn from after formatting and "
                         f"truncation (max_seq_len {max_len})")
@@ -449,7 +476,7 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def pack_dataset(ds, max_len: int):
+def pack_dataset(ds, max_len: int, scratch: Scratch | None = None):
     """Best-fit-decreasing packing of samples into rows of at most max_len tokens, per batch of 10,000 samples.
 
     In one process on purpose: worker processes would each start their batches at their own shard's start,
@@ -483,7 +510,7 @@ def pack_dataset(ds, max_len: int):
         return out
 
     return ds.map(fn, batched=True, batch_size=10_000, remove_columns=ds.column_names, desc="packing",
-                  load_from_cache_file=False)
+                  load_from_cache_file=False, cache_file_name=scratch and scratch.file("packed"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -561,7 +588,7 @@ def _concat(parts: list):
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def _build_splits(cfg: DataConfig, tokenizer) -> tuple[dict, dict[str, DataStats], dict]:
+def _build_splits(cfg: DataConfig, tokenizer, scratch: Scratch | None = None) -> tuple[dict, dict[str, DataStats], dict]:
     """Load, split, select and tokenize every source: (datasets by split, stats by split, composition)."""
     max_len = cfg.max_seq_len
     train_sources = resolve_sources(cfg, "train")
@@ -590,7 +617,7 @@ def _build_splits(cfg: DataConfig, tokenizer) -> tuple[dict, dict[str, DataStats
         for s, (ds, kind), n in zip(sources, parts, counts):
             _warn_legacy_alpaca(s, ds)
             picked = ds if n == len(ds) else ds.select(selection_indices(len(ds), n, cfg.seed, key, s.name))
-            tok, st = tokenize_dataset(picked, s.fmt, tokenizer, s, kind, max_len, cfg.num_proc)
+            tok, st = tokenize_dataset(picked, s.fmt, tokenizer, s, kind, max_len, cfg.num_proc, scratch)
             tokenized.append(tok)
             entries.append(_entry(s, len(ds), n, st))
             total.add(st)
@@ -599,7 +626,7 @@ def _build_splits(cfg: DataConfig, tokenizer) -> tuple[dict, dict[str, DataStats
     parts, entries, total = tokenize_sources("train", train_sources, loaded)
     train = _concat(parts)
     if cfg.packing:
-        train = pack_dataset(train, max_len)
+        train = pack_dataset(train, max_len, scratch)
         total.packed_rows = len(train)
     out["train"], stats["train"], composition["train"] = train, total, _finish_split(entries, total)
 
@@ -609,7 +636,7 @@ def _build_splits(cfg: DataConfig, tokenizer) -> tuple[dict, dict[str, DataStats
             evals = {}
             for s, ds, e in zip(eval_sources, parts, entries):
                 if cfg.packing:
-                    ds = pack_dataset(ds, max_len)
+                    ds = pack_dataset(ds, max_len, scratch)
                     e["packed_rows"] = len(ds)
                 evals[s.name] = ds
             out["eval"] = evals
@@ -620,13 +647,13 @@ def _build_splits(cfg: DataConfig, tokenizer) -> tuple[dict, dict[str, DataStats
     elif held_out:
         parts, entries, total = [], [], DataStats()
         for s, ds, kind in held_out:
-            tok, st = tokenize_dataset(ds, s.fmt, tokenizer, s, kind, max_len, cfg.num_proc)
+            tok, st = tokenize_dataset(ds, s.fmt, tokenizer, s, kind, max_len, cfg.num_proc, scratch)
             parts.append(tok)
             entries.append(_entry(s, len(ds), len(ds), st, f"eval_fraction {cfg.eval_fraction:g}"))
             total.add(st)
         out["eval"], stats["eval"], composition["eval"] = _concat(parts), total, _finish_split(entries, total)
     if "eval" in out and cfg.packing and not isinstance(out["eval"], dict):
-        out["eval"] = pack_dataset(out["eval"], max_len)
+        out["eval"] = pack_dataset(out["eval"], max_len, scratch)
         stats["eval"].packed_rows = len(out["eval"])
     if "eval" in composition:
         composition["eval"]["packed_rows"] = stats["eval"].packed_rows
@@ -702,8 +729,6 @@ def prepare_data(cfg: DataConfig, tokenizer, main_process_first=None) -> Prepare
     no collective, so no ddp_timeout however long tokenizing takes. ``main_process_first`` is accepted for old
     callers and not used (it was a barrier with the ddp_timeout deadline).
     """
-    from dsft.data_cache import is_complete, preparing, wait_for_cache
-
     target = cache_root(cfg) / cache_key(cfg, tokenizer)
     if is_complete(target):
         logger.info("data: using the tokenized cache %s (no tokenization)", target)
@@ -715,9 +740,13 @@ def prepare_data(cfg: DataConfig, tokenizer, main_process_first=None) -> Prepare
     import time
 
     started = time.perf_counter()
-    with preparing(target):
-        out, stats, composition = _build_splits(cfg, tokenizer)
-        _save_cache(target, out, stats, composition)
+    scratch = Scratch(target.with_name(f"{target.name}.work-{socket.gethostname()}-{os.getpid()}"))
+    try:
+        with preparing(target):
+            out, stats, composition = _build_splits(cfg, tokenizer, scratch)
+            _save_cache(target, out, stats, composition)
+    finally:
+        scratch.remove()
     logger.info("data: prepared in %.1f s into %s", time.perf_counter() - started, target)
     loaded = _load_cached(target)
     loaded.from_cache = False
@@ -725,13 +754,9 @@ def prepare_data(cfg: DataConfig, tokenizer, main_process_first=None) -> Prepare
 
 
 def _save_cache(target: Path, splits: dict, stats: dict[str, DataStats], composition: dict) -> None:
-    import socket
-
     # host + pid: two nodes' local rank 0 may prepare the same key in a shared cache dir at once
     tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     if tmp.exists():  # left by a killed run whose pid this process reuses
-        import shutil
-
         shutil.rmtree(tmp)
     for key, ds in splits.items():
         if isinstance(ds, dict):
@@ -747,8 +772,6 @@ def _save_cache(target: Path, splits: dict, stats: dict[str, DataStats], composi
     try:
         os.replace(tmp, target)  # a directory onto a non-empty one fails (ENOTEMPTY/EEXIST): no mixing of two
     except OSError:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "complete").is_file():
             raise

@@ -26,9 +26,9 @@ def main() -> int:
     delay = float(os.environ.get("DSFT_TEST_SLOW_PREPARE_S", "0"))
     real_build, real_wait = dsft.data._build_splits, dsft.data_cache.wait_for_cache
 
-    def slow_build(cfg, tokenizer):  # runs inside dsft.data_cache.preparing(): heartbeat on, status file written
+    def slow_build(cfg, tokenizer, *scratch):  # inside dsft.data_cache.preparing(): heartbeat on, status written
         time.sleep(delay)
-        return real_build(cfg, tokenizer)
+        return real_build(cfg, tokenizer, *scratch)
 
     def timed_wait(*args, **kwargs):
         t0 = time.monotonic()

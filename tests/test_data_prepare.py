@@ -3,6 +3,7 @@ deadline), parallel tokenization, ``dsft prepare``; and resuming checkpoints wri
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -320,18 +321,34 @@ def test_batched_tokenization_equals_the_row_by_row_reference(tmp_path, char_tok
 
 
 @pytest.mark.integration  # starts tokenizer worker processes
-def test_worker_processes_give_the_same_data_and_the_same_row_errors(tmp_path, char_tokenizer):
+def test_worker_processes_give_the_same_data_and_the_same_row_errors(tmp_path, char_tokenizer, monkeypatch):
+    import dsft.data
     from conftest import write_jsonl
 
     from dsft.config import DataConfig
     from dsft.data import prepare_data
 
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    real = dsft.data.tokenize_batch
+
+    def recording(*args, **kwargs):  # forked workers inherit it: each one leaves a file named by its pid
+        (pids / str(os.getpid())).touch()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dsft.data, "tokenize_batch", recording)
     rows = _chat_rows(2400)
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     one = prepare_data(DataConfig(train=str(path), cache_dir=str(tmp_path / "c1"), num_proc=1, max_seq_len=64),
                        char_tokenizer)
+    assert [p.name for p in pids.iterdir()] == [str(os.getpid())]
+    for p in pids.iterdir():
+        p.unlink()
+    # The same file again with 2 workers: an earlier run's intermediate Arrow file once made datasets keep 1 shard
     two = prepare_data(DataConfig(train=str(path), cache_dir=str(tmp_path / "c2"), num_proc=2, max_seq_len=64),
                        char_tokenizer)
+    assert len(list(pids.iterdir())) == 2 and str(os.getpid()) not in [p.name for p in pids.iterdir()]
+    assert [p.name for p in (tmp_path / "c2").iterdir()] == [two.cache_dir.name]  # the step files are removed
     assert one.cache_dir.name == two.cache_dir.name  # num_proc is not part of the cache key
     assert one.train["input_ids"] == two.train["input_ids"] and one.train["labels"] == two.train["labels"]
     assert one.stats == two.stats
@@ -608,6 +625,7 @@ def test_resume_starts_at_the_checkpoints_batch_without_collating_the_skipped_on
     from transformers import TrainerCallback
 
     import dsft.data
+    import dsft.train
     from conftest import copy_task_rows, write_jsonl
     from dsft.checkpoint import mark_complete
     from dsft.config import load_config
@@ -624,7 +642,7 @@ def test_resume_starts_at_the_checkpoints_batch_without_collating_the_skipped_on
             return inner(features)
         return collate
 
-    monkeypatch.setattr(dsft.data, "make_collator", recording_collator)  # build_trainer looks it up at call time
+    monkeypatch.setattr(dsft.train, "make_collator", recording_collator)  # the name build_trainer calls
 
     class StopAfterOneStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
