@@ -8,7 +8,7 @@ The limit: the same rows rendered with the chat template and tokenized by ONE ba
 (``tokenizer(texts)``), in one process, nothing else (no label location, no Arrow, no cache). Goals: dsft with 1
 process >= 0.8x the limit; with 2 processes >= 1.7x dsft with 1. Each dsft run is a fresh process (its peak RSS
 is its own; children's peak is taken from RUSAGE_CHILDREN). Tokenizer: SmolLM2-135M-Instruct from
-``.cache/dsft/models`` (``dsft prepare-demo --cache-dir .cache/dsft``). Writes bench/results/data_prep.json.
+``.cache/dsft/models`` (``dsft prepare-demo --cache-dir .cache/dsft``). Writes bench/results/data_prep_<rows>.json.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def main() -> int:
         results["speedup_2_vs_1"] = round(results["dsft_2"]["tokens_per_s"] / results["dsft_1"]["tokens_per_s"], 3)
         print(f"2 processes vs 1: {results['speedup_2_vs_1']}x")
     results["machine"] = dict(machine_info, load_avg_at_end=os.getloadavg())
-    print(f"wrote {write_result('data_prep', results)}")
+    print(f"wrote {write_result(f'data_prep_{a.rows}', results)}")
     return 0
 
 

@@ -5,20 +5,39 @@ rows (loss on the completion and EOS only), dynamic padding, AdamW, the same see
 user would write it with transformers + peft + datasets directly; it imports nothing from dsft.
 
     python bench/plain_trainer.py --model DIR --data train.jsonl --out DIR [--steps 8 --batch 4 --max-len 256]
+                                  [--activation-checkpointing] [--warmup-steps 2]
 
-Prints one JSON line with the Trainer's metrics (train_runtime, num_input_tokens_seen, losses).
+Prints one JSON line with the Trainer's metrics (train_runtime, num_input_tokens_seen, losses) and tokens/s over the
+steps after the first ``--warmup-steps`` (clock started at the end of that step, stopped at the last step's log: the
+definition dsft's own tokens/s uses), absent when the run is not longer than the warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 from datasets import load_dataset
 from peft import LoraConfig, get_peft_model
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments,
-                          set_seed)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
+                          TrainingArguments, set_seed)
+
+
+class Clock(TrainerCallback):
+    """Tokens seen and time at the end of the warm-up step, and at every log after it."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.last = warmup, None, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            self.start = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.start and logs and "loss" in logs and state.global_step > self.warmup:
+            self.last = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
 
 
 def main() -> None:
@@ -31,6 +50,8 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--warmup-steps", type=int, default=2)
     a = p.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(a.model)
@@ -55,13 +76,20 @@ def main() -> None:
                                              task_type="CAUSAL_LM"))
     args = TrainingArguments(output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=a.batch,
                              learning_rate=a.lr, logging_steps=1, report_to="none", save_strategy="no", seed=a.seed,
-                             include_num_input_tokens_seen="non_padding", use_cpu=True)
+                             include_num_input_tokens_seen="non_padding", use_cpu=True,
+                             activation_checkpointing=a.activation_checkpointing)
+    clock = Clock(a.warmup_steps)
     trainer = Trainer(model=model, args=args, train_dataset=data,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                      callbacks=[clock])
     result = trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    extra = {}
+    if clock.start and clock.last:
+        extra = {"tokens_per_s_after_warmup": (clock.last[1] - clock.start[1]) / (clock.last[0] - clock.start[0]),
+                 "throughput_steps_measured": clock.last[2] - a.warmup_steps}
     print(json.dumps({**result.metrics, "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
-                      "losses": losses}))
+                      "losses": losses, **extra}))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import json
 import os
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -105,6 +107,64 @@ def run_config(row: str, steps: int) -> dict:
     return cfg
 
 
+class RssTimeline(threading.Thread):
+    """Samples, every ``interval`` seconds, the RSS of the largest process under this one (the training process),
+    with the number of records in the run's dsft_log.jsonl, the last record's kind (train / eval) and step, and the
+    checkpoints present: where in the run RSS grows (training, evaluation, save). Keeps a sample when RSS moved by
+    at least 8 MiB or the log / checkpoints changed."""
+
+    def __init__(self, output_dir: Path, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.output_dir, self.interval = output_dir, interval
+        self.samples: list[dict] = []
+        self.stop = threading.Event()
+
+    @staticmethod
+    def _descendants() -> list[int]:
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+            except (OSError, IndexError, ValueError):
+                continue
+        out, todo = [], [os.getpid()]
+        while todo:
+            for c in children.get(todo.pop(), []):
+                out.append(c)
+                todo.append(c)
+        return out
+
+    @staticmethod
+    def _rss(pid: int) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def run(self) -> None:
+        start, last = time.monotonic(), None
+        while not self.stop.wait(self.interval):
+            rss = max((self._rss(pid) for pid in self._descendants()), default=0)
+            log = self.output_dir / "dsft_log.jsonl"
+            try:
+                records = [line for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+            except OSError:
+                records = []
+            last_rec = json.loads(records[-1]) if records else {}
+            kind = "eval" if any(k.startswith("eval_") for k in last_rec) else ("train" if last_rec else "-")
+            ckpts = sorted(p.name for p in self.output_dir.glob("checkpoint-*")) if self.output_dir.is_dir() else []
+            key = (len(records), tuple(ckpts))
+            if last is None or key != last[0] or abs(rss - last[1]) >= 8 * 2**20:
+                self.samples.append({"t": round(time.monotonic() - start, 1), "rss_gib": round(rss / 2**30, 3),
+                                     "log_records": len(records), "last": f"{kind}@{last_rec.get('step', '-')}",
+                                     "checkpoints": ckpts})
+                last = (key, rss)
+
+
 def predict(cfg_dict: dict, ranks: int, baseline: int, retained: float | None = None) -> dict:
     """The planner's per-rank memory; ``retained``: glibc's retained share (None: the planner's default, for
     default-malloc runs; 0 for runs with a fixed mmap threshold)."""
@@ -160,7 +220,23 @@ def main() -> None:
                 measured[row] = entry
                 for alloc in a.allocators:
                     env = cpu_env(**(FIXED_MMAP_THRESHOLD if alloc == "fixed" else {}))
-                    rec = run_dsft(cfg, Path(tmp), f"{row}-{alloc}", nproc=ROWS[row][1], env=env)
+                    timeline = RssTimeline(Path(tmp) / f"{row}-{alloc}")
+                    timeline.start()
+                    try:
+                        rec = run_dsft(cfg, Path(tmp), f"{row}-{alloc}", nproc=ROWS[row][1], env=env)
+                    finally:
+                        timeline.stop.set()
+                    if alloc in entry["peak_rss_bytes"]:  # the earlier measurement stays on record
+                        entry.setdefault("earlier_runs", []).append(
+                            {"allocator": alloc, "peak_rss_bytes": entry["peak_rss_bytes"][alloc],
+                             "seconds": entry["seconds"].get(alloc),
+                             "peak_memory_gb_by_step": entry.get("peak_memory_gb_by_step", {}).get(alloc),
+                             "machine": entry.get("machine_of_run", {}).get(alloc)})
+                    entry.setdefault("machine_of_run", {})[alloc] = info
+                    # the Trainer's logged peak RSS (GiB, since the process started) after each logged step
+                    entry.setdefault("peak_memory_gb_by_step", {})[alloc] = [
+                        [r["step"], r["peak_memory_gb"]] for r in rec.logs if "peak_memory_gb" in r]
+                    entry.setdefault("rss_timeline", {})[alloc] = timeline.samples
                     entry["seconds"][alloc] = round(rec.seconds, 1)
                     entry["peak_rss_bytes"][alloc] = {str(k): v for k, v in sorted(rec.peak_rss_bytes.items())}
                     print(f"# {row} ({alloc} malloc): {rec.seconds:.0f} s, peak RSS per rank "

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dsft.errors import DsftError
 from dsft.fsutil import write_if_changed
 
@@ -97,6 +99,7 @@ def prepare_smollm2(out_dir: str | os.PathLike, *, verify: bool = True) -> Path:
 
 
 def _convert_gguf(gguf: Path, dst: Path, *, verify: bool) -> None:
+    # deferred: torch and transformers (~5 s), only to convert the model once; the CLI imports this module
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -150,7 +153,7 @@ def _convert_gguf(gguf: Path, dst: Path, *, verify: bool) -> None:
 
 
 def _verify_saved(dst: Path, gguf_model, gguf_tokenizer) -> dict[str, Any]:
-    import torch
+    import torch  # deferred: torch and transformers (see _convert_gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(dst, local_files_only=True)
@@ -280,8 +283,6 @@ def write_chatterbot(out_dir: str | os.PathLike, language: str = "english", eval
     Conversations with the same opening line stay on one side of the split, so eval is unseen prompts.
     Returns the file paths and counts (including what was skipped and why).
     """
-    import yaml
-
     if not 0 < eval_fraction < 1:
         raise AssetError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     data_dir = _package_dir("chatterbot_corpus", CHATTERBOT_INSTALL) / "data"

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 
 from dsft.config import LOG_FILE_NAME
 from dsft.flops import device_peak_flops, model_matmul_params, train_flops_per_token
+from dsft.fsutil import atomic_write_text
 # Optimizer steps left out of tokens/s and MFU at the start of a run (and of a resumed one): one-off set-up costs.
 THROUGHPUT_WARMUP_STEPS = 2
 
@@ -99,8 +100,6 @@ class MetricsCallback(TrainerCallback):
 
 def drop_records_after(log: Path, step: int) -> int:
     """Rewrite a JSONL log without its records of steps after ``step`` (atomically); returns how many went."""
-    from dsft.fsutil import atomic_write_text
-
     kept, dropped = [], 0
     for line in log.read_text(encoding="utf-8").splitlines():
         try:

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 
+from dsft.assets import prepare_demo
+from dsft.checkpoint import consolidate
+from dsft.config import dump_yaml, load_config, reference_markdown, resolved_dict
+from dsft.deepspeed import prepare_for_run, resolve_auto
 from dsft.errors import DsftError
+from dsft.plan import format_plan, hardware_from_flags, plan
+from dsft.precision import resolve_auto_dtype
+from dsft.preference_pairs import prepare_preference
+from dsft.prepare import format_summary as format_prepared
+from dsft.prepare import prepare_here, submit_prepare
+from dsft.report import format_summary, write_report
 from dsft.run import quiet_libraries, report_error, setup_logging, train_and_report
+from dsft.slurm.commands import SLURM_FLAGS, _slurm_flags, add_slurm_commands
+from dsft.slurm.submit import wait
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -15,11 +28,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
-    from dsft.config import dump_yaml, load_config, resolved_dict
-
     cfg = load_config(a.config, a.set)  # fails fast, before the heavy imports below
+    # deferred: dsft.distributed loads torch and dsft.train transformers (~5 s); the other commands need neither
     from dsft.distributed import accelerator_is_cpu
-    from dsft.precision import resolve_auto_dtype
     from dsft.train import build_training_arguments
 
     cfg = resolve_auto_dtype(cfg)  # print what model.dtype: auto becomes on this machine
@@ -32,7 +43,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
 
 def _topology_from_flags(a: argparse.Namespace):
-    from dsft.distributed import Topology, topology
+    from dsft.distributed import Topology, topology  # deferred: torch (~1 s), needed by validate and ds-config only
 
     if a.world_size is None and a.devices_per_node is None:
         return topology()
@@ -42,13 +53,6 @@ def _topology_from_flags(a: argparse.Namespace):
 
 
 def cmd_ds_config(a: argparse.Namespace) -> int:
-    import json
-
-    from dsft.config import load_config
-    from dsft.deepspeed import prepare_for_run, resolve_auto
-
-    from dsft.precision import resolve_auto_dtype
-
     cfg = resolve_auto_dtype(load_config(a.config, a.set))  # bf16 sections follow model.dtype: auto
     if not cfg.deepspeed:
         raise DsftError(f"{a.config}: no 'deepspeed:' key; set a template name (e.g. zero2) or a JSON path")
@@ -59,7 +63,7 @@ def cmd_ds_config(a: argparse.Namespace) -> int:
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
-    from dsft.export import merge_adapter
+    from dsft.export import merge_adapter  # deferred: dsft.export loads torch and transformers
 
     out = merge_adapter(a.adapter_dir, a.out, dtype=a.dtype, base=a.base, overwrite=a.overwrite)
     print(f"merged model saved to {out}")
@@ -67,14 +71,12 @@ def cmd_merge(a: argparse.Namespace) -> int:
 
 
 def cmd_consolidate(a: argparse.Namespace) -> int:
-    from dsft.checkpoint import consolidate
-
     print(f"consolidated model saved to {consolidate(a.checkpoint, a.out, overwrite=a.overwrite)}")
     return 0
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from dsft.export import generate
+    from dsft.export import generate  # deferred: dsft.export loads torch and transformers
 
     prompt = a.prompt
     if a.prompt_file:
@@ -88,9 +90,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 def cmd_prepare(a: argparse.Namespace) -> int:
     """Tokenize (and pack) a run's data into the cache dsft train reads (dsft.prepare); --submit: as a Slurm job."""
-    from dsft.prepare import prepare_here, submit_prepare
-    from dsft.slurm.commands import _slurm_flags
-
     flags = _slurm_flags(a)
     if not a.submit:
         given = [f"--{k.replace('_min', '').replace('_', '-')}" for k, v in flags.items() if v is not None]
@@ -99,8 +98,6 @@ def cmd_prepare(a: argparse.Namespace) -> int:
         _, text = prepare_here(a.config, a.set)
         print(text)
         return 0
-    from dsft.slurm.submit import wait
-
     sub = submit_prepare(a.config, a.set, flags)
     print(f"submitted job {sub.job.job_id}: dsft prepare, 1 task, no GPU")
     print(f"job folder: {sub.folder}   (dsft status {sub.folder})")
@@ -111,16 +108,12 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     if not ok:
         print(f"job {sub.job.job_id} failed: {results}", file=sys.stderr)
         return 1
-    from dsft.prepare import format_summary
-
-    print(format_summary(results[0]))
+    print(format_prepared(results[0]))
     print(f"job {sub.job.job_id} completed")
     return 0
 
 
 def cmd_prepare_demo(a: argparse.Namespace) -> int:
-    from dsft.assets import prepare_demo
-
     info = prepare_demo(a.cache_dir)
     for key, value in info.items():
         if key != "heldout_prompt":
@@ -129,8 +122,6 @@ def cmd_prepare_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_prepare_preference(a: argparse.Namespace) -> int:
-    from dsft.preference_pairs import prepare_preference
-
     info = prepare_preference(a.cache_dir, model=a.model, out_dir=a.out, max_new_tokens=a.max_new_tokens,
                               batch_size=a.batch_size, limit=a.limit)
     for key, value in info.items():
@@ -139,8 +130,6 @@ def cmd_prepare_preference(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from dsft.report import format_summary, write_report
-
     print(format_summary(a.output_dir))
     if not a.text_only:
         for path in write_report(a.output_dir, a.out):
@@ -149,11 +138,6 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    import json
-
-    from dsft.config import load_config
-    from dsft.plan import format_plan, hardware_from_flags, plan
-
     cfg = load_config(a.config, a.set, data_sources=False)  # planning happens before the data is there
     hw = hardware_from_flags(nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu_mem=a.gpu_mem, host_mem=a.host_mem,
                              accelerator=a.accelerator, mfu=a.mfu)
@@ -163,8 +147,6 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_reference(a: argparse.Namespace) -> int:
-    from dsft.config import reference_markdown
-
     print(reference_markdown())
     return 0
 
@@ -222,8 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a config value (YAML syntax), repeatable")
     sp.add_argument("--submit", action="store_true", help="run it as a CPU-only Slurm job with 1 task (submitit)")
     sp.add_argument("--wait", action="store_true", help="with --submit: block until the job ends, print its summary")
-    from dsft.slurm.commands import SLURM_FLAGS
-
     for flag in ("--cpus-per-task", "--partition", "--time", "--account", "--qos", "--constraint", "--mem",
                  "--job-dir"):  # one CPU task: no --nodes, --gpus-per-node, --tasks-per-node
         dest, kind, help = SLURM_FLAGS[flag]
@@ -266,8 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     add("reference", cmd_reference, "Print the run-config reference (markdown).")
-    from dsft.slurm.commands import add_slurm_commands
-
     add_slurm_commands(add)  # submit, status, sweep, sbatch
     return p
 

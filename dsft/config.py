@@ -20,8 +20,11 @@ from typing import Any, Literal
 import yaml
 
 from dsft import training_args_fields
+from dsft.data_formats import check_data_sources
 from dsft.errors import ConfigError
 from dsft.fsutil import atomic_write_text
+from dsft.preference_checks import check_preference_config, method_fields
+from dsft.quant import validate_quantization
 
 RESOLVED_CONFIG_NAME = "dsft_config.yaml"
 # the run's JSONL log (dsft.callbacks writes it); here, not there, so its readers (dsft report / status) need no torch
@@ -702,8 +705,6 @@ def validate(cfg: RunConfig, data_sources: bool = True) -> None:
             raise ConfigError("data.format: preference pairs train with method: dpo (or kto for labelled "
                               "completions); set the top-level method key, or use an SFT format")
     else:  # train keys against TRL's DPOConfig / KTOConfig, the data section's preference settings
-        from dsft.preference_checks import check_preference_config, method_fields
-
         _check_train_section(t, *method_fields(cfg.method))
         check_preference_config(cfg)
     if not m.name_or_path:
@@ -717,8 +718,6 @@ def validate(cfg: RunConfig, data_sources: bool = True) -> None:
         raise ConfigError(f"data.num_proc: must be at least 1, got {d.num_proc} (leave it unset for the cores available)")
     if data_sources and not d.train:
         raise ConfigError("data.train: required; set a data file, a save_to_disk dir or a hub dataset name")
-    from dsft.data_formats import check_data_sources
-
     if data_sources:
         check_data_sources(cfg)  # every source: path exists, one selection key, valid weights, names, role maps
     if d.eval and d.eval_fraction:
@@ -769,8 +768,6 @@ def validate(cfg: RunConfig, data_sources: bool = True) -> None:
         if cfg.peft.lr_ratio <= 0:
             raise ConfigError(f"peft.lr_ratio: must be positive, got {cfg.peft.lr_ratio}")
         if cfg.peft.quantization is not None:
-            from dsft.quant import validate_quantization
-
             validate_quantization(cfg)
     if cfg.slurm is not None:
         check_slurm_config(cfg.slurm)
@@ -868,7 +865,7 @@ def _check_loss_section(cfg: RunConfig) -> None:
         raise ConfigError(f"train.use_liger_kernel: conflicts with loss.impl: {lo.impl}; set loss.impl: liger "
                           "instead (it turns use_liger_kernel on)")
     if lo.impl == "liger":
-        from dsft.loss import check_loss_impl
+        from dsft.loss import check_loss_impl  # deferred: dsft.loss loads torch; only loss.impl: liger needs it
 
         check_loss_impl(lo.impl)
 

@@ -69,6 +69,7 @@ def quiet_library_messages(rank: int | None = None) -> None:
 def shm_op_built() -> bool:
     """Whether DeepSpeed's CPU communication op is already built (installed with DeepSpeed, or JIT-built into
     torch's extensions dir: $TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/py<ver>_<cpu|cuXY>)."""
+    # deferred: torch (~1 s); this module is imported by every command. DeepSpeed is optional.
     import torch
     from torch.utils.cpp_extension import get_default_build_root
 

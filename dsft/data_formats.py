@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from dsft.errors import ConfigError, DataError
 
-if TYPE_CHECKING:  # config imports this module lazily (inside validate); no cycle at import time
+if TYPE_CHECKING:  # dsft.config imports this module: its types only for the checker, or the import would cycle
     from dsft.config import DataConfig, DataSource, RunConfig
 
 ROLES = ("system", "user", "assistant", "tool")

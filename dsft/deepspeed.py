@@ -11,8 +11,10 @@ installed deepspeed's metadata (transformers checks its version), not the deepsp
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -224,7 +226,7 @@ def fill_dsft_placeholders(ds: dict, devices_per_node: int) -> dict:
 
 def load_model_config(cfg: RunConfig) -> Any:
     """The model's transformers config (no weights), with model.config_overrides applied."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: transformers (~4 s); dsft sbatch imports this module
 
     m = cfg.model
     try:
@@ -242,9 +244,7 @@ def _hf_args_view(cfg: RunConfig, world_size: int) -> Any:
     """The TrainingArguments values the HF DeepSpeed integration reads, without running TrainingArguments'
     __post_init__ (which resets accelerate's global state and sets up devices / process groups: unsafe inside a
     launched run and slow). Field defaults come from TrainingArguments itself; ``world_size`` is given."""
-    import dataclasses
-
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments  # deferred: ~5 s (see load_model_config)
 
     class _ArgsView:
         get_warmup_steps = TrainingArguments.get_warmup_steps
@@ -272,7 +272,7 @@ def resolve_auto(ds: dict, cfg: RunConfig, world_size: int, hidden_size: int | N
     Scheduler step counts stay "auto" unless ``num_training_steps`` (or train.max_steps > 0) is known.
     Values that contradict the run config raise ConfigError, as the Trainer would.
     """
-    from transformers.integrations import deepspeed as hf_ds
+    from transformers.integrations import deepspeed as hf_ds  # deferred: transformers (see load_model_config)
 
     if devices_per_node is None:
         devices_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -595,8 +595,6 @@ def prepare_for_run(cfg: RunConfig, world_size: int, devices_per_node: int,
     """
     if not cfg.deepspeed:
         return None
-    import logging
-
     ds = fill_dsft_placeholders(load_ds_config(cfg.deepspeed, cfg.deepspeed_overrides), devices_per_node)
     findings = lint(cfg, ds, world_size, devices_per_node, device_memory_bytes)
     if not [f for f in findings if f.level == "error"]:
@@ -619,8 +617,6 @@ def sequence_parallel_gradient_fix(ds: dict, sequence: int, world_size: int) -> 
     with reduce_scatter off; then no post-scaling is applied. Proven in tests/test_sequence_parallel.py."""
     if sequence <= 1 or zero_stage(ds) not in (1, 2):
         return ds
-    import copy
-
     out = copy.deepcopy(ds)
     out["gradient_predivide_factor"] = float(world_size)
     out.setdefault("zero_optimization", {})["reduce_scatter"] = False

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import re
 import shutil
 import traceback
@@ -113,8 +114,6 @@ def _peer_save_failure(exc: BaseException, out: Path, step: int | None) -> Check
     free = free_bytes(out)
     if last is None or free is None or free >= checkpoint_bytes(last):
         return None
-    import os
-
     return CheckpointSaveError(
         f"rank {os.environ.get('RANK', '?')}: checkpoint {out / f'checkpoint-{step}'} was not written: another rank's "
         f"save failed while only {_mb(free)} is free on {out} (the last checkpoint took {_mb(checkpoint_bytes(last))}); "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -112,9 +114,7 @@ def apply_collective_timeout(timeout_s: float, use_cpu: bool, backend: str | Non
     accelerators, so on CPU the default group is started here (env://) with it. accelerate and DeepSpeed reuse
     a group that exists.
     """
-    from datetime import timedelta
-
-    from torch.distributed import distributed_c10d
+    from torch.distributed import distributed_c10d  # deferred: callers check torch.distributed.is_available()
 
     timeout = timedelta(seconds=timeout_s)
     for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
@@ -131,8 +131,7 @@ def init_deepspeed_distributed(timeout_s: float | None = None) -> None:
     building its config before deepspeed.comm knows the group fails ("... 8 != 4 * 1 * 1") on CPU.
     ``timeout_s``: how long a collective waits for a peer (train.ddp_timeout), as for the Trainer's group.
     """
-    from datetime import timedelta
-
+    # deferred: DeepSpeed is optional, and its import logs an accelerator banner on runs that do not use it
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -155,9 +154,6 @@ def exit_now(code: int) -> None:
     """Exit a finished multi-process run without interpreter teardown: after a successful ZeRO-3 run on
     CPU, a rank aborted there intermittently ("terminate called without an active exception", a native
     thread still joinable), turning a good run into a failed launch. Everything is saved and flushed."""
-    import logging
-    import sys
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -167,8 +163,6 @@ def exit_now(code: int) -> None:
 def world_views(args, accelerator=None, environ: dict | None = None) -> dict[str, tuple[int, int]]:
     """(process index, process count) as each layer of the stack sees it: the launcher's environment, the
     TrainingArguments, accelerate, torch.distributed and DeepSpeed's comm (the last two only when started)."""
-    import sys
-
     topo = topology(environ)
     views = {"launcher environment (RANK, WORLD_SIZE)": (topo.rank, topo.world_size),
              "TrainingArguments": (args.process_index, args.world_size)}

@@ -47,13 +47,13 @@ def base_model_config(adapter_dir: str | os.PathLike, base: str | None = None, d
 
 def load_for_inference(path: str | os.PathLike, dtype: str = "fp32", base: str | None = None):
     """(model, tokenizer) from a full model dir, or base + adapter from an adapter dir, in eval mode."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: as in dsft.model, each library loads when first needed
 
     path = Path(path)
     if not path.exists():
         raise DsftError(f"{path}: no such model or adapter directory")
     if is_adapter_dir(path):
-        from peft import PeftModel
+        from peft import PeftModel  # deferred: peft (~6 s) for adapter dirs only
 
         model = PeftModel.from_pretrained(load_model(base_model_config(path, base, dtype)), str(path))
     else:

@@ -11,7 +11,7 @@ from torch import nn
 
 from dsft.config import ModelConfig, PeftConfig, QuantizationConfig
 from dsft.errors import ConfigError, DsftError
-from dsft.quant import bnb_config, prepare_for_kbit_training
+from dsft.quant import bnb_config, keep_trainable_4bit_layout, prepare_for_kbit_training
 
 logger = logging.getLogger(__name__)
 # peft 0.x builds every PeftModel (get_peft_model, PeftModel.from_pretrained) by reading the model's
@@ -35,6 +35,8 @@ def _trust_remote_code(cfg: ModelConfig) -> bool:
 
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer, with a pad token that is safe for dsft's label masks."""
+    # deferred (here and below): dsft prepare imports this module for the tokenizer and dsft plan for the config;
+    # the model classes, peft (~6 s) and the Trainer load only where a model is built
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer or cfg.name_or_path
@@ -64,6 +66,23 @@ def ensure_pad_token(tokenizer) -> None:
             logger.info("tokenizer has no pad token; using %r", candidate)
             return
     raise DsftError("the tokenizer has no pad, unk, eos or bos token to pad with; add a pad token to it")
+
+
+def align_pad_token(model, tokenizer) -> None:
+    """Give the model's config and generation config the tokenizer's pad id where they have none, as the Trainer
+    does when training starts (transformers.trainer_utils.align_special_tokens), but without its warning "The
+    tokenizer has new PAD/BOS/EOS tokens ...": a pad id the model lacks is the tokenizer's or dsft's choice
+    (ensure_pad_token), and dsft's labels and masks never read it. A pad id, BOS or EOS that contradicts the model's
+    is left to that warning (rank 0's only: dsft.console)."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        return
+    config = model.config.get_text_config()
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = pad
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.pad_token_id is None:
+        generation.pad_token_id = pad
 
 
 def _load_error(key: str, what: str, source: str, e: Exception) -> ConfigError:
@@ -109,8 +128,6 @@ def load_model(cfg: ModelConfig, quantization: QuantizationConfig | None = None)
     # Training never reads a KV cache, and with one transformers stops confining attention to packed samples.
     model.config.use_cache = False
     if quantization is not None:
-        from dsft.quant import keep_trainable_4bit_layout
-
         # else one eval-mode forward (packing check, evaluation) switches bitsandbytes' CPU 4-bit layers to a bf16
         # kernel that back-propagates nothing through the base weights, for the rest of the run (dsft.quant)
         keep_trainable_4bit_layout(model)

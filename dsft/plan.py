@@ -31,8 +31,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dsft.deepspeed import (_quantization, _zget, get_path, load_ds_config, model_state_bytes, offloads, resolve_auto,
+                            zero_stage)
 from dsft.errors import ConfigError
 from dsft.flops import ACCELERATORS, accelerator_name, cpu_peak_flops, local_device_name, train_flops_per_token
+from dsft.precision import auto_dtype, resolve_auto_dtype
 
 if TYPE_CHECKING:
     from dsft.config import RunConfig
@@ -98,7 +101,7 @@ def _first(config: Any, *names: str, default: Any = None) -> Any:
 
 def model_config_for(cfg: RunConfig):
     """The model's transformers config with model.config_overrides applied (no weights are read)."""
-    from dsft.model import load_config_object
+    from dsft.model import load_config_object  # deferred: dsft.model loads torch; the CLI imports this module
 
     try:
         return load_config_object(cfg.model)
@@ -111,6 +114,7 @@ def model_config_for(cfg: RunConfig):
 
 def model_shape(cfg: RunConfig, config: Any = None) -> ModelShape:
     """Count the parameters of the run's model on the meta device; with a peft section, wrap it in LoRA there."""
+    # deferred: torch and transformers (~5 s), which the CLI's other commands (it imports this module) do not need
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -143,7 +147,7 @@ def model_shape(cfg: RunConfig, config: Any = None) -> ModelShape:
     lora_params = rank = 0
     lora_modules: list[tuple[str, int]] = []
     if cfg.peft is not None:
-        from dsft.model import apply_lora
+        from dsft.model import apply_lora  # deferred: torch (see model_config_for)
 
         with torch.device("meta"):
             model = apply_lora(model, cfg.peft, gradient_checkpointing_reentrant=False)
@@ -244,8 +248,6 @@ def precision_of(cfg: RunConfig, ds: dict | None) -> Precision:
     t = cfg.train
     half = bool(t.get("bf16") or t.get("fp16"))
     if ds is not None:
-        from dsft.deepspeed import get_path
-
         ds_half = any(get_path(ds, f"{k}.enabled") in (True, "auto") and (get_path(ds, f"{k}.enabled") is True
                                                                            or t.get(k)) for k in ("bf16", "fp16"))
         if ds_half:
@@ -259,14 +261,10 @@ def precision_of(cfg: RunConfig, ds: dict | None) -> Precision:
 
 
 def zero_stage_of(ds: dict | None) -> int:
-    from dsft.deepspeed import zero_stage
-
     return zero_stage(ds) if ds is not None else 0
 
 
 def quantization_bits(cfg: RunConfig) -> int | None:
-    from dsft.deepspeed import _quantization
-
     return _quantization(cfg)[0]
 
 
@@ -310,6 +308,7 @@ class Memory:
     phases: dict[str, int]
     host: dict[str, int]
     reference_weights: int = 0  # DPO / KTO full fine-tuning: TRL's frozen reference copy (in every phase)
+    reference_buffers: int = 0  # ... under ZeRO-3: the reference engine's gathered parameters in its forward
 
     @property
     def model_states(self) -> int:
@@ -320,7 +319,8 @@ class Memory:
                 "optimizer_states": self.optimizer_states, "optimizer_step_extra": self.optimizer_step_extra,
                 "activations": self.activations, "buffers": self.buffers,
                 "overhead": self.overhead, "peak": self.peak, "peak_phase": self.peak_phase,
-                "phases": dict(self.phases), "host": dict(self.host), "reference_weights": self.reference_weights}
+                "phases": dict(self.phases), "host": dict(self.host), "reference_weights": self.reference_weights,
+                "reference_buffers": self.reference_buffers}
 
 
 # which input a LoRA-adapted linear reads, from its name: the attention norm's output, the attention output,
@@ -468,8 +468,6 @@ def _ds_sizes(ds: dict | None, cfg: RunConfig, shape: ModelShape, world: int, pe
     """Bucket sizes (elements) with DeepSpeed's "auto" values filled as the HF integration fills them."""
     if ds is None:
         return {}
-    from dsft.deepspeed import _zget, resolve_auto
-
     try:
         resolved = resolve_auto(ds, cfg, world, hidden_size=shape.hidden, devices_per_node=per_node)
     except ConfigError:
@@ -494,14 +492,10 @@ def _ds_sizes(ds: dict | None, cfg: RunConfig, shape: ModelShape, world: int, pe
 
 def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: dict | None = None) -> Memory:
     """Per-device memory of ``setup`` on ``hw`` for the run ``cfg`` describes."""
-    from dsft.deepspeed import model_state_bytes
-
     world = hw.world
     stage = setup.stage if setup.deepspeed else 0
     use_ds = setup.deepspeed
     if use_ds and ds is None:  # a candidate setup: the matching template
-        from dsft.deepspeed import load_ds_config
-
         ds = load_ds_config(setup.template() or "zero0")
     prec = precision_of(cfg, ds if use_ds else None)
     bits = quantization_bits(cfg)
@@ -566,6 +560,8 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
     # DPO / KTO with full fine-tuning keep a frozen reference copy (weights only) from load to the end: ZeRO-3
     # partitions it like the policy; below stage 3 TRL wraps it in a stage-0 engine, whole on every rank
     ref = (wb / world if use_ds and stage == 3 else wb) if keeps_reference_copy(cfg) else 0.0
+    ref_gather = reference_gather_elements(shape, sizes) * prec.weight_bytes \
+        if keeps_reference_copy(cfg) and use_ds and stage == 3 else 0.0
     if stage >= 2 and not hw.is_cpu:
         fwd_bwd = weights + optim + grads + max(act, embedding_grad + recomputed) + buffers
     else:
@@ -573,7 +569,7 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
     step = weights + optim + grads + step_extra + buffers
     load = _load_bytes(shape, prec, wb, stage, world, use_ds)
     save = weights + optim + _save_bytes(cfg, shape, prec, wb, stage)
-    fwd_bwd, step, load, save = fwd_bwd + ref, step + ref, load + ref, save + ref
+    fwd_bwd, step, load, save = fwd_bwd + ref + ref_gather, step + ref, load + ref, save + ref
     named = [("load", load), ("forward_backward", fwd_bwd), ("optimizer_step", step), ("save", save)]
     if evaluates(cfg):
         # Evaluation runs between optimizer steps: weights and optimizer states stay; plain gradients were freed by
@@ -588,7 +584,7 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
             # returned). The chunked demo's peak RSS rose by this much at its first evaluation after training.
             eval_act += acts["layers"]
         eval_act += 2 * shape.vocab * shape.hidden if prec.autocast else 0  # the lm_head's cast weight
-        named.append(("evaluation", weights + optim + (grads if use_ds else 0) + buffers + eval_act + ref))
+        named.append(("evaluation", weights + optim + (grads if use_ds else 0) + buffers + eval_act + ref + ref_gather))
     if hw.is_cpu:  # what glibc keeps resident of freed tensors, on top of what the phase holds
         retained = _malloc_retained_fraction(hw)
         named = [(k, v * (1 + retained)) for k, v in named]
@@ -608,7 +604,19 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
                   optimizer_step_extra=int(step_extra), activations=int(act),
                   buffers=int(buffers), overhead=int(overhead), peak=phases[peak_phase] + int(
                       host_states if hw.is_cpu else 0), peak_phase=peak_phase, phases=phases, host=host,
-                  reference_weights=int(ref))
+                  reference_weights=int(ref), reference_buffers=int(ref_gather))
+
+
+def reference_gather_elements(shape: ModelShape, sizes: dict) -> float:
+    """Parameters the ZeRO-3 reference engine holds gathered during its forward (DPO / KTO full fine-tuning).
+
+    TRL wraps the reference in its own engine with the policy's ``zero_optimization`` as it is: its overrides
+    (``"zero_optimization.stage3_prefetch_bucket_size"`` ... as dotted top-level keys) do not reach DeepSpeed's
+    config (checked: DeepSpeedConfig keeps the nested values). The forward runs without a backward, so no
+    parameter is reused within DeepSpeed's trace and each module's are freed after use; the coordinator gathers
+    the current module's and prefetches up to ``stage3_prefetch_bucket_size`` elements ahead while fewer than
+    ``stage3_max_live_parameters`` are gathered: at most the largest module plus min(prefetch, max live)."""
+    return min(shape.params, shape.largest_layer_params + min(sizes["prefetch_bucket"], sizes["max_live"]))
 
 
 def keeps_reference_copy(cfg: RunConfig) -> bool:
@@ -715,14 +723,10 @@ def process_baseline_bytes() -> int:
 def ds_config_of(cfg: RunConfig) -> dict | None:
     if not cfg.deepspeed:
         return None
-    from dsft.deepspeed import load_ds_config
-
     return load_ds_config(cfg.deepspeed, cfg.deepspeed_overrides)
 
 
 def configured_setup(cfg: RunConfig, ds: dict | None = None) -> Setup:
-    from dsft.deepspeed import offloads
-
     t = cfg.train
     ds = ds if ds is not None else ds_config_of(cfg)
     off_opt, off_param = offloads(ds) if ds is not None else (False, False)
@@ -792,8 +796,6 @@ def _fits(mem: Memory, hw: Hardware) -> bool:
 def plan(cfg: RunConfig, hw: Hardware) -> Plan:
     """Memory and speed of the configured setup on ``hw``, and the fastest setup that fits."""
     if cfg.model.dtype == "auto":  # what the training process would pick on the planned hardware
-        from dsft.precision import auto_dtype, resolve_auto_dtype
-
         cfg = resolve_auto_dtype(cfg, "bf16" if not hw.is_cpu else auto_dtype("cpu"))
     shape = model_shape(cfg)
     ds = ds_config_of(cfg)
@@ -817,7 +819,8 @@ def plan(cfg: RunConfig, hw: Hardware) -> Plan:
     notes = []
     if keeps_reference_copy(cfg):
         notes.append(f"method {cfg.method}: reference_weights is the frozen reference copy of the model (ZeRO-3 "
-                     "partitions it; peft or train.precompute_ref_log_probs: none)")
+                     "partitions it; peft or train.precompute_ref_log_probs: none); under ZeRO-3, reference_buffers "
+                     "are the parameters its forward gathers (largest module + stage3_prefetch_bucket_size)")
     quant = quantization_bits(cfg)
     if quant:
         notes.append(f"{quant}-bit base weights (bitsandbytes): linear weights counted at "
@@ -874,12 +877,12 @@ def hardware_from_flags(nodes: int = 1, gpus_per_node: int | None = None, gpu_me
     elif name in ACCELERATORS:
         device = ACCELERATORS[name]["memory_bytes"]
     else:
-        import torch
+        import torch  # deferred: torch (~1 s) for the local device's memory only, when no accelerator is named
 
         if torch.cuda.is_available():  # without importing deepspeed (its import logs an accelerator banner)
             device = torch.cuda.get_device_properties(0).total_memory
         else:
-            from deepspeed.accelerator import get_accelerator
+            from deepspeed.accelerator import get_accelerator  # deferred: optional, and its import logs a banner
 
             device = get_accelerator().total_memory()
     peak = float(os.environ["DSFT_PEAK_TFLOPS"]) * 1e12 if os.environ.get("DSFT_PEAK_TFLOPS") else None
@@ -925,6 +928,8 @@ def format_plan(p: Plan) -> str:
     keys = ("weights", "gradients", "optimizer_states", "model_states", "activations", "buffers", "overhead", "peak")
     if p.configured_memory.reference_weights or (rmem and rmem.reference_weights):
         keys = ("reference_weights", *keys)
+    if p.configured_memory.reference_buffers or (rmem and rmem.reference_buffers):
+        keys = tuple(k for key in keys for k in ((key, "reference_buffers") if key == "buffers" else (key,)))
     for key in keys:
         rows.append((key, _gb(getattr(p.configured_memory, key)), _gb(getattr(rmem, key)) if rmem else "-"))
     rows.append(("peak phase", p.configured_memory.peak_phase, rmem.peak_phase if rmem else "-"))

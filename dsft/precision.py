@@ -50,7 +50,7 @@ def _local_cpu_native_bf16() -> bool:
     if flags:
         return cpu_has_native_bf16(flags)
     # no /proc/cpuinfo (macOS, some containers): ask torch's private CPU probes if this version has them
-    import torch
+    import torch  # deferred: torch (~1 s); dsft plan and validate read CPU flags without it
 
     probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(bool(p()) for p in probes if p is not None)
@@ -63,7 +63,7 @@ def native_bf16(device: str | None = None) -> bool:
         device = "cpu" if _accelerator_is_cpu() else "gpu"
     if device == "cpu":
         return _local_cpu_native_bf16()
-    import torch
+    import torch  # deferred: torch (see _local_cpu_native_bf16)
 
     if torch.cuda.is_available():
         return bool(torch.cuda.is_bf16_supported())

@@ -16,6 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+import torch
 from transformers import TrainerCallback
 
 logger = logging.getLogger("dsft")
@@ -76,8 +77,6 @@ def timeline() -> dict:
 
 def _agreed(requested: bool, device) -> bool:
     """True on every rank if any rank saw the signal (a rank may get it a step later than another)."""
-    import torch
-
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return requested
     if torch.distributed.get_world_size() == 1:
@@ -112,8 +111,6 @@ class PreemptionCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if _watch.stopped_at_step is None:
             return
-        import torch
-
         # every rank has written its part of the checkpoint (optimizer shards, RNG state) before any rank
         # goes on to requeue the job, which kills all of them
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -16,13 +16,25 @@ the data before training.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
+import datasets
+from transformers import EarlyStoppingCallback, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from dsft.callbacks import MetricsCallback
 from dsft.config import RunConfig
-from dsft.data_formats import standard_turns
+from dsft.data import LINE_COLUMN, PreparedData, load_source, selection_counts, selection_indices
+from dsft.data_formats import _entries, resolve_sources, standard_turns
 from dsft.errors import ConfigError, DataError
+from dsft.guards import CompleteCheckpointCallback, NonFiniteGuard
+from dsft.model import (align_pad_token, count_parameters, load_model, load_tokenizer, optimizer_cls_and_kwargs,
+                        peft_lora_config)
 from dsft.preference_checks import row_shape, trl_config_class
+from dsft.quant import prepare_for_kbit_training
 
 logger = logging.getLogger("dsft")
 
@@ -109,8 +121,6 @@ def normalize_row(row: dict, method: str, f: PreferenceFields, fmt, where: str) 
 
 def _normalize_source(numbered_rows, method: str, f: PreferenceFields, src, kind: str):
     """Check every (number, row) of one source and keep only TRL's columns; returns (dataset, is_chat)."""
-    import datasets
-
     rows, forms = [], set()
     for number, raw in numbered_rows:
         where = f"{src.path}: {kind} {number}"
@@ -125,9 +135,6 @@ def _normalize_source(numbered_rows, method: str, f: PreferenceFields, src, kind
 
 def _scan_json_lines(src, method: str, f: PreferenceFields) -> None:
     """Check a local JSON-lines file row by row (after the Arrow reader failed on it)."""
-    import json
-    from pathlib import Path
-
     path = Path(src.path).expanduser()
     if not path.is_file() or not path.name.lower().endswith(".jsonl"):
         return
@@ -150,11 +157,6 @@ def _scan_json_lines(src, method: str, f: PreferenceFields) -> None:
 def load_preference_data(cfg: RunConfig, tokenizer):
     """Every source of data.train / data.eval checked and mixed (weights / samples / fraction / eval_fraction as
     for SFT), as TRL's standard columns. Returns dsft.data.PreparedData (stats empty: TRL tokenizes)."""
-    import datasets
-
-    from dsft.data import LINE_COLUMN, PreparedData, load_source, selection_counts, selection_indices
-    from dsft.data_formats import _entries, resolve_sources
-
     d, method = cfg.data, cfg.method
 
     def source_configs(key: str) -> list:
@@ -241,12 +243,7 @@ def log_truncation_policy(cfg: RunConfig, args) -> None:
 def build_preference_trainer(cfg: RunConfig, args):
     """TRL's DPOTrainer / KTOTrainer with dsft's model loading and callbacks. Returns (trainer, prepared data)
     like dsft.train.build_trainer."""
-    from transformers import EarlyStoppingCallback, set_seed
-
-    from dsft.callbacks import MetricsCallback
-    from dsft.guards import CompleteCheckpointCallback, NonFiniteGuard
-    from dsft.model import count_parameters, load_model, load_tokenizer, optimizer_cls_and_kwargs, peft_lora_config
-    import trl
+    import trl  # deferred: the optional `preference` extra; SFT runs import this module too (dsft.train)
 
     tokenizer = load_tokenizer(cfg.model)
     with args.main_process_first(desc="preference data"):
@@ -258,11 +255,10 @@ def build_preference_trainer(cfg: RunConfig, args):
     quant = cfg.peft.quantization if cfg.peft is not None else None
     set_seed(args.seed)  # LoRA's random A matrices and from_config weights: the same on every run
     model = load_model(cfg.model, quant)
+    align_pad_token(model, tokenizer)
     ref_model, peft_config = None, None
     if cfg.peft is not None:
         if quant is not None:
-            from dsft.quant import prepare_for_kbit_training
-
             model = prepare_for_kbit_training(model)
         # TRL wraps the model itself; with a fresh adapter its reference is this model with the adapter disabled
         # (no second copy). A PeftModel handed in would instead get a copy of the adapter as "ref".
@@ -302,7 +298,23 @@ def build_preference_trainer(cfg: RunConfig, args):
     logger.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     if guard is not None:
         guard.accelerator = trainer.accelerator
+        _guard_records_the_preference_loss(trainer, guard)
     return trainer, data
+
+
+def _guard_records_the_preference_loss(trainer, guard) -> None:
+    """The non-finite guard's forward hook sees the model's own outputs (TRL's forwards return a language-model
+    loss, of the policy and of the adapter-off reference); TRL computes the DPO / KTO loss outside the model. Record
+    that one too, so that a non-finite preference loss (e.g. IPO's square overflowing) counts even when the logits
+    and the gradient norm are finite."""
+    compute_loss = trainer.compute_loss
+
+    def recorded(model, inputs, return_outputs=False, **kwargs):
+        out = compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        guard._record_loss(model, inputs, (out[0] if return_outputs else out,))  # training forwards only
+        return out
+
+    trainer.compute_loss = recorded
 
 
 def extra_forwards(method: str, args) -> tuple[int, int]:
@@ -317,6 +329,4 @@ def extra_forwards(method: str, args) -> tuple[int, int]:
 
 
 def _zero3() -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     return is_deepspeed_zero3_enabled()

@@ -30,7 +30,7 @@ OWNED_BY_DSFT = {
 def trl_config_class(method: str):
     """TRL's DPOConfig / KTOConfig (both extend TrainingArguments)."""
     try:
-        import trl
+        import trl  # deferred: the optional `preference` extra, and ~5 s; dsft.config imports this module
     except ImportError:
         raise ConfigError(f"method: {method} needs TRL; install it with: pip install 'dsft[preference]'") from None
     return {"dpo": trl.DPOConfig, "kto": trl.KTOConfig}[method]

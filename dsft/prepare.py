@@ -6,8 +6,8 @@ that the GPU job starts training at once instead of tokenizing while its nodes i
 a prepared config trains from the cache with "using the tokenized cache ... (no tokenization)" in its log; any
 change to those makes ``dsft train`` prepare again, as it would without ``dsft prepare``.
 
-Layering: above dsft.config / dsft.data / dsft.model; the Slurm part imports dsft.slurm.submit inside the
-function, and nothing in dsft.slurm imports this module (the job callable is pickled by reference to it).
+Layering: above dsft.config / dsft.data / dsft.model and dsft.slurm.submit; nothing in dsft.slurm imports this
+module (the job callable is pickled by reference to it).
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from typing import Any
 
 from dsft.config import RunConfig, apply_override, from_dict, read_yaml, validate
 from dsft.errors import ConfigError
+from dsft.run import quiet_libraries, setup_logging
+from dsft.slurm.resources import tasks_per_node, with_overrides
+from dsft.slurm.submit import (Submitted, job_dir_of, make_executor, require_slurm, sbatch_refused, write_job_info,
+                               write_submitted_config)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,8 @@ def _check_method(cfg: RunConfig) -> None:
 
 def prepare(cfg: RunConfig):
     """Tokenize (and pack) ``cfg``'s data into its cache; a complete cache is only read. Returns PreparedData."""
+    # deferred: dsft.data and dsft.model load torch (and datasets, transformers when called); the CLI imports this
+    # module for every command
     from dsft.data import prepare_data
     from dsft.model import load_tokenizer
 
@@ -106,8 +112,6 @@ class PrepareJob:
         self.config = config
 
     def __call__(self) -> dict:
-        from dsft.run import quiet_libraries, setup_logging
-
         quiet_libraries()
         setup_logging()
         info, text = prepare_here(self.config, [])
@@ -120,10 +124,6 @@ class PrepareJob:
 def submit_prepare(config: str | Path, overrides: list[str], slurm_flags: dict[str, Any]):
     """Submit ``dsft prepare`` as a CPU-only Slurm job with 1 task through submitit. Returns dsft.slurm.submit's
     Submitted (job, folder, info)."""
-    from dsft.slurm.resources import tasks_per_node, with_overrides
-    from dsft.slurm.submit import (Submitted, job_dir_of, make_executor, require_slurm, sbatch_refused,
-                                   write_job_info, write_submitted_config)
-
     require_slurm("dsft prepare --submit")
     raw, cfg = _load(config, overrides)
     s = cfg.slurm
@@ -137,7 +137,7 @@ def submit_prepare(config: str | Path, overrides: list[str], slurm_flags: dict[s
     submitted = write_submitted_config(raw, job_dir, f"prepare-{time.strftime('%Y%m%d-%H%M%S')}-"
                                                      f"{time.time_ns() % 1_000_000:06d}.yaml")
     executor = make_executor(cfg, job_dir / "%j")
-    from submitit.core.utils import FailedJobError
+    from submitit.core.utils import FailedJobError  # deferred: the optional `slurm` extra
 
     try:
         job = executor.submit(PrepareJob(str(submitted)))

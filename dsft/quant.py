@@ -45,6 +45,7 @@ def validate_quantization(cfg: RunConfig) -> None:
 
 def bnb_config(q: QuantizationConfig, model_dtype: str):
     """``transformers.BitsAndBytesConfig`` for ``from_pretrained(quantization_config=...)``."""
+    # deferred: torch and transformers; dsft.config imports this module to validate peft.quantization
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -84,7 +85,7 @@ def keep_trainable_4bit_layout(model) -> int:
         state = getattr(weight, "quant_state", None)
         # already repacked: undo it (bitsandbytes re-quantizes double-quant scales: close, not bit-identical)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # deferred: optional `qlora`
 
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
             module.quant_state = weight.quant_state
@@ -102,7 +103,7 @@ def prepare_for_kbit_training(model):
     ``gradient_checkpointing_enable``. Non-reentrant stays the default: with frozen 4-bit weights both modes gave
     identical losses under ZeRO-3 (tests/test_qlora.py), and non-reentrant does not depend on that hook.
     """
-    from peft import prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training  # deferred: peft (see bnb_config)
 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -93,7 +95,8 @@ CURVES = (("loss", "train loss"), ("learning_rate", "learning rate"), ("grad_nor
 
 def plot_curves(logs: list[dict], path: str | os.PathLike, title: str = "") -> Path:
     """One PNG with a panel per logged curve (eval loss drawn with the train loss), against the optimizer step."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    # deferred: the optional `report` extra (~1 s). No pyplot: no global state, no GUI backend
+    from matplotlib.figure import Figure
     panels = [(key, label) for key, label in CURVES if any(key in r for r in logs)]
     if not panels:
         raise DsftError("dsft report: the log has no training curves to plot")
@@ -150,9 +153,6 @@ def write_report(output_dir: str | os.PathLike, out: str | os.PathLike | None = 
     """Write ``dsft_report.png`` (the curves) and ``dsft_report.md`` (summary + the image) to ``out``
     (default: the run's output dir). Returns the paths. Without matplotlib (``pip install 'dsft[report]'``)
     only the markdown is written."""
-    import importlib.util
-    import logging
-
     logs = read_log(output_dir)
     target = Path(out) if out else Path(output_dir)
     written = []

@@ -20,6 +20,12 @@ import sys
 from dsft.config import load_config
 from dsft.console import exit_after_user_error, quiet_library_messages
 from dsft.errors import ConfigError, DataError, DsftError
+from dsft.fsutil import atomic_write_text
+
+# A file a rank writes its user error (exit code 2: config, data, a full disk) to, when the environment names one:
+# the sbatch templates read it to leave such a job failed instead of requeueing it (a requeue fails the same way),
+# as torchrun exits 1 whatever its ranks' exit codes were
+USER_ERROR_FILE_ENV = "DSFT_USER_ERROR_FILE"
 
 
 def quiet_libraries() -> None:
@@ -101,12 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return train_and_report(a.config, a.set, force=a.force, overwrite=a.overwrite)
     except DsftError as e:
+        record_user_error(e)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # once, from rank 0, when every rank has the same error; every rank exits with its code, without the
             # interpreter teardown that can abort a multi-rank process (a SIGABRT instead of dsft's exit status)
             exit_after_user_error(str(e), e.exit_code, rank_zero_reports=isinstance(e, (ConfigError, DataError)))
         report_error(e)
         return e.exit_code
+
+
+def record_user_error(e: DsftError) -> None:
+    """Write a user error (exit code 2) to $DSFT_USER_ERROR_FILE if set (see USER_ERROR_FILE_ENV)."""
+    path = os.environ.get(USER_ERROR_FILE_ENV)
+    if path and e.exit_code == DsftError.exit_code:
+        try:
+            atomic_write_text(path, f"{e}\n")
+        except OSError as write_error:  # the exit status still tells, except under torchrun
+            print(f"dsft: warning: could not write {path}: {write_error}", file=sys.stderr)
 
 
 def report_error(e: DsftError) -> None:

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate import ParallelismConfig
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DeepSpeedSequenceParallelConfig
 
 from dsft.errors import ConfigError, DsftError
 
@@ -65,7 +68,7 @@ def place_views(rank: int, world_size: int, sequence: int) -> dict[str, tuple[in
     expected = SequenceParallelPlace.of(rank, world_size, sequence)
     views = {"dsft sequence-parallel group": (expected.sp_rank, expected.sp_size),
              "dsft data-parallel world": (expected.dp_rank, expected.dp_size)}
-    try:
+    try:  # deferred: DeepSpeed is optional, and its import logs an accelerator banner
         from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
         from deepspeed import comm as dist
     except ImportError:
@@ -97,9 +100,6 @@ def parallelism_config(sequence: int, world_size: int, attn_implementation: str)
     """accelerate's ParallelismConfig for Ulysses SP; None without SP."""
     if sequence <= 1:
         return None
-    from accelerate import ParallelismConfig
-    from accelerate.utils import DeepSpeedSequenceParallelConfig
-
     # sp_attn_implementation is left empty by accelerate unless set (despite its docs): name the model's kernel.
     # dp_replicate_size: accelerate computes DeepSpeed's train_batch_size as micro x accumulation x dp from it.
     handler = DeepSpeedSequenceParallelConfig(sp_attn_implementation=attn_implementation,
@@ -119,8 +119,6 @@ def configure_state(use_cpu: bool) -> dict:
     """
     if not use_cpu:
         return {}
-    from accelerate.state import AcceleratorState, PartialState
-
     # a fresh state per run, as TrainingArguments does without use_configured_state (a second run in one process
     # would otherwise meet the first run's DeepSpeed plugin); the process group itself is kept
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -170,7 +168,7 @@ class SequenceParallelCollator:
 def release_groups() -> None:
     """Forget DeepSpeed's SP groups so another run in the same process can build them again (they are
     process-wide globals asserted to be unset; tests and benchmarks run several configs per launch)."""
-    try:
+    try:  # deferred: DeepSpeed is optional (see place_views)
         from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
     except ImportError:
         return

@@ -5,23 +5,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+import transformers
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import get_reporting_integration_callbacks, is_deepspeed_zero3_enabled
 
-from dsft.callbacks import MetricsCallback, compute_metrics, preprocess_logits_for_metrics
+from dsft import resume_check
+from dsft import sequence_parallel as sp
+from dsft.callbacks import MetricsCallback, compute_metrics, peak_memory_bytes, preprocess_logits_for_metrics
 from dsft.checkpoint import resolve_resume, saved_world_size, to_universal
 from dsft.config import RunConfig, training_arguments_kwargs, write_resolved
-from dsft.distributed import (Topology, accelerator_is_cpu, check_world_agreement, configure_cpu_threads,
-                              export_local_world_size, topology, world_views)
+from dsft.console import announce_cpu_comm_op
+from dsft.data import log_prepared, make_collator, prepare_data, write_composition
+from dsft.deepspeed import deep_merge, prepare_for_run
+from dsft.disk import DiskSpaceCallback, save_failure
+from dsft.distributed import (Topology, accelerator_is_cpu, apply_collective_timeout, check_world_agreement,
+                              configure_cpu_threads, export_local_world_size, init_deepspeed_distributed,
+                              node_layout_problems, topology, world_views)
 from dsft.errors import ConfigError, DsftError
 from dsft.fsutil import atomic_write_json
+from dsft.guards import CompleteCheckpointCallback, NonFiniteError, NonFiniteGuard
+from dsft.loss import enable_chunked_loss
+from dsft.model import (align_pad_token, apply_lora, count_parameters, load_model, load_tokenizer,
+                        optimizer_cls_and_kwargs, parameter_elements)
 from dsft.precision import resolve_auto_dtype
+from dsft.preference import build_preference_trainer, preference_arguments
 
 logger = logging.getLogger("dsft")
 
@@ -37,10 +53,6 @@ class RunResult:
 def build_training_arguments(cfg: RunConfig, topo: Topology | None = None):
     """TrainingArguments from the ``train`` section (+ the DeepSpeed config); its own checks are reported
     as config errors."""
-    from transformers import TrainingArguments
-
-    from dsft.deepspeed import prepare_for_run
-
     topo = topo or topology()
     kwargs = training_arguments_kwargs(cfg, use_cpu=accelerator_is_cpu())
     # dsft applies save_total_limit itself, counting complete checkpoints only (CompleteCheckpointCallback)
@@ -49,12 +61,8 @@ def build_training_arguments(cfg: RunConfig, topo: Topology | None = None):
     if ds is not None:
         kwargs["deepspeed"] = ds
     if torch.distributed.is_available():
-        from dsft.distributed import apply_collective_timeout
-
         apply_collective_timeout(kwargs["ddp_timeout"], bool(kwargs.get("use_cpu")), kwargs.get("ddp_backend"))
     if cfg.parallel.sequence > 1:  # DeepSpeed Ulysses through accelerate (dsft.sequence_parallel)
-        from dsft import sequence_parallel as sp
-
         sp.check_world(topo.world_size, cfg.parallel.sequence)
         kwargs["parallelism_config"] = sp.parallelism_config(cfg.parallel.sequence, topo.world_size,
                                                              cfg.model.attn_implementation)
@@ -64,8 +72,6 @@ def build_training_arguments(cfg: RunConfig, topo: Topology | None = None):
                 kwargs["accelerator_config"] = {**(kwargs.get("accelerator_config") or {}), **extra}
     arguments_cls = TrainingArguments
     if cfg.method != "sft":  # TRL's DPOConfig / KTOConfig (TrainingArguments subclasses); dsft.preference
-        from dsft.preference import preference_arguments
-
         arguments_cls, kwargs = preference_arguments(cfg, kwargs)
     try:
         return arguments_cls(**kwargs)
@@ -108,8 +114,6 @@ def check_packing_isolation(model, vocab_size: int, atol_fraction: float | None 
 def _move_reporting_callbacks_last(trainer) -> None:
     # The Trainer puts reporting integrations (TensorBoard, ...) before user callbacks; move them after,
     # so they log the metrics MetricsCallback adds.
-    from transformers.integrations import get_reporting_integration_callbacks
-
     for cls in get_reporting_integration_callbacks(trainer.args.report_to):
         instance = trainer.pop_callback(cls)
         if instance is not None:
@@ -118,19 +122,10 @@ def _move_reporting_callbacks_last(trainer) -> None:
 
 def build_trainer(cfg: RunConfig, args=None):
     """Everything up to a ready Trainer. Returns (trainer, prepared data)."""
-    from transformers import EarlyStoppingCallback, Trainer, set_seed
-
-    from dsft.data import log_prepared, make_collator, prepare_data
-    from dsft.model import apply_lora, count_parameters, load_model, load_tokenizer, optimizer_cls_and_kwargs
-
     args = args or build_training_arguments(cfg)
     if args.deepspeed and zero3_enabled():
-        from dsft.distributed import init_deepspeed_distributed
-
         init_deepspeed_distributed(args.ddp_timeout)
     if cfg.method != "sft":  # TRL's DPOTrainer / KTOTrainer with dsft's callbacks (dsft.preference)
-        from dsft.preference import build_preference_trainer
-
         trainer, data = build_preference_trainer(cfg, args)
         _move_reporting_callbacks_last(trainer)
         return trainer, data
@@ -144,18 +139,15 @@ def build_trainer(cfg: RunConfig, args=None):
     # Under ZeRO-3 each rank holds only its partition (zero.Init) -- except for quantized models, which
     # transformers loads whole on every rank (it skips zero.Init for them); DeepSpeed partitions them afterwards.
     model = load_model(cfg.model, cfg.peft.quantization if cfg.peft is not None else None)
+    align_pad_token(model, tokenizer)
     if cfg.data.packing and not zero3_enabled():  # a ZeRO-3 forward needs every rank; proven in tests instead
         check_packing_isolation(model, model.config.vocab_size)
     if cfg.peft is not None:
         model = apply_lora(model, cfg.peft, cfg.model.gradient_checkpointing_reentrant)
     if cfg.loss.impl == "chunked":  # after LoRA: the loss calls peft's lm_head module (modules_to_save copy)
-        from dsft.loss import enable_chunked_loss
-
         enable_chunked_loss(model, cfg.loss.chunk_tokens)
     trainable, total = count_parameters(model)
     logger.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
-    from dsft.guards import CompleteCheckpointCallback, NonFiniteGuard
-
     callbacks: list[Any] = [MetricsCallback(), CompleteCheckpointCallback(cfg.train.get("save_total_limit"))]
     guard = NonFiniteGuard(cfg.guard.max_nonfinite_steps) if cfg.guard.max_nonfinite_steps else None
     if guard is not None:
@@ -165,10 +157,8 @@ def build_trainer(cfg: RunConfig, args=None):
     lr_ratio = cfg.peft.lr_ratio if cfg.peft is not None else 1.0
     collator = make_collator(cfg.data, tokenizer.pad_token_id)
     if cfg.parallel.sequence > 1:  # rows split evenly over the SP ranks, position_ids in every batch
-        from dsft.sequence_parallel import SequenceParallelCollator, row_width
-
-        width = row_width(cfg.data.max_seq_len, cfg.parallel.sequence)  # max_seq_len is required under SP
-        collator = SequenceParallelCollator(collator, width, tokenizer.pad_token_id)
+        width = sp.row_width(cfg.data.max_seq_len, cfg.parallel.sequence)  # max_seq_len is required under SP
+        collator = sp.SequenceParallelCollator(collator, width, tokenizer.pad_token_id)
     trainer = Trainer(
         model=model,
         args=args,
@@ -193,20 +183,12 @@ RUN_INFO_NAME = "dsft_run_info.json"
 def rank_info(topo: Topology, threads: int | None, model=None, ref_model=None) -> dict:
     """What this rank reports about itself right after loading (before the first step). ``ref_model``: the frozen
     reference copy of full-fine-tuning DPO / KTO, reported separately (ZeRO-3 must partition it too)."""
-    import platform
-
-    from dsft.callbacks import peak_memory_bytes
-
     # node_rank from the launcher / Slurm (topology()), not from the host name: nodes may share one
     me = {"rank": topo.rank, "local_rank": topo.local_rank, "node_rank": topo.node_rank,
           "ranks_per_node": topo.local_world_size, "host": platform.node(), "pid": os.getpid(), "threads": threads}
     if model is not None:
-        from dsft.model import parameter_elements
-
         me["param_elements_held"], me["param_elements_total"] = parameter_elements(model)
     if ref_model is not None:
-        from dsft.model import parameter_elements
-
         me["ref_param_elements_held"], me["ref_param_elements_total"] = parameter_elements(ref_model)
     me["peak_memory_gb_after_load"] = round(peak_memory_bytes() / 2**30, 3)
     return me
@@ -215,8 +197,6 @@ def rank_info(topo: Topology, threads: int | None, model=None, ref_model=None) -
 def write_run_info(args, me: dict, model=None) -> dict:
     """Record who trained: every rank reports ``me`` (rank, local rank, node, ...) through the process group, and
     rank 0 writes the list with the versions next to the outputs. Proves all ranks joined one world."""
-    import transformers
-
     if model is not None:  # the Trainer turns activation checkpointing on at the start of train()
         me = dict(me, activation_checkpointing=bool(getattr(model, "is_activation_checkpointing", False)))
     ds_config = args.hf_deepspeed_config.config if getattr(args, "hf_deepspeed_config", None) else {}
@@ -227,8 +207,6 @@ def write_run_info(args, me: dict, model=None) -> dict:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         ranks = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(ranks, me)
-    from dsft.distributed import node_layout_problems
-
     # every rank checks the layout all reported (a wrong node rank or hpZ size shows on the rank that has it)
     for problem in node_layout_problems(ranks, hpz if isinstance(hpz, int) else None):
         logger.warning("rank %d: node layout: %s", me["rank"], problem)
@@ -257,11 +235,9 @@ class RunInfoCallback(TrainerCallback):
         self.me = me
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        sp = self.me.get("sequence_parallel_size", 1)
-        if sp > 1:  # DeepSpeed builds its SP groups with the engine, just before this: check them against dsft's
-            from dsft.sequence_parallel import check_place, place_views
-
-            check_place(place_views(self.me["rank"], args.world_size, sp))
+        sp_size = self.me.get("sequence_parallel_size", 1)
+        if sp_size > 1:  # DeepSpeed builds its SP groups with the engine, just before this: check them against dsft's
+            sp.check_place(sp.place_views(self.me["rank"], args.world_size, sp_size))
         write_run_info(args, self.me, model)
 
 
@@ -270,10 +246,6 @@ def adapt_to_world_size(cfg: RunConfig, resume: str | None, topo: Topology) -> R
     format (once) and loaded as such; same world size: unchanged."""
     if not resume or not cfg.deepspeed:
         return cfg
-    import dataclasses
-
-    from dsft.deepspeed import deep_merge
-
     saved = saved_world_size(resume)
     if saved is None or saved == topo.world_size:
         return cfg
@@ -286,8 +258,6 @@ def adapt_to_world_size(cfg: RunConfig, resume: str | None, topo: Topology) -> R
 
 def zero3_enabled() -> bool:
     # True while TrainingArguments holding a ZeRO-3 config are alive (transformers' own switch for zero.Init)
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     return is_deepspeed_zero3_enabled()
 
 
@@ -298,9 +268,6 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool = False, over
     checkpoint was written with a different model/data/peft config. ``overwrite``: start from scratch in an
     output_dir holding a finished run or an earlier run's checkpoints (they are removed).
     """
-    from dsft import resume_check
-    from dsft.guards import NonFiniteError, NonFiniteGuard
-
     export_local_world_size()
     topo = topology()
     threads = configure_cpu_threads(topo)
@@ -311,8 +278,6 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool = False, over
         # DeepSpeed. Naming the accelerator dsft already found skips that detection (and its banner).
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if cfg.deepspeed:  # DeepSpeed's comm on CPU loads (first time: builds) its shm op; say so, once
-            from dsft.console import announce_cpu_comm_op
-
             announce_cpu_comm_op(topo.rank)
     cfg = resolve_auto_dtype(cfg)  # model.dtype: auto -> this machine's faster precision, before anything uses it
     resume = None if overwrite else resolve_resume(cfg)
@@ -331,17 +296,11 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool = False, over
         resume_check.prepare_output_dir(args.output_dir, resume, overwrite)
         path = write_resolved(cfg, args.output_dir, use_cpu=accelerator_is_cpu())
         logger.info("resolved config written to %s", path)
-        from dsft.data import write_composition
-
         write_composition(data, args.output_dir)  # the mixture this run trained on, per source
     me = rank_info(topo, threads, trainer.model, getattr(trainer, "ref_model", None))  # ref_model: TRL trainers
-    from dsft.sequence_parallel import SequenceParallelPlace
-
-    place = SequenceParallelPlace.of(topo.rank, topo.world_size, cfg.parallel.sequence)
+    place = sp.SequenceParallelPlace.of(topo.rank, topo.world_size, cfg.parallel.sequence)
     me.update(sequence_parallel_size=place.sp_size, sequence_parallel_rank=place.sp_rank,
               data_parallel_size=place.dp_size, data_parallel_rank=place.dp_rank)
-    from dsft.disk import DiskSpaceCallback, save_failure
-
     disk = DiskSpaceCallback()  # warns before a save that may not fit; names the checkpoint of a failed one
     for callback in (RunInfoCallback(me), disk, *callbacks):
         trainer.add_callback(callback)

@@ -62,6 +62,28 @@ def test_load_report_is_left_to_rank_0(shown, monkeypatch):
     assert shown == ["accelerate.accelerator: some other accelerate warning"]
 
 
+def test_dsft_gives_the_model_the_pad_id_so_transformers_has_nothing_to_align(shown, tiny_model_dir):
+    """transformers' "The tokenizer has new PAD/BOS/EOS tokens" warning (Trainer.train(), every rank) reported the
+    pad id the model config lacks, which the tokenizer or dsft chose: dsft sets it first (dsft.model.align_pad_token).
+    The warning is left for a BOS/EOS (or pad) that contradicts the model's: that one rank 0 still shows."""
+    from transformers.trainer_utils import align_special_tokens
+
+    from dsft.config import ModelConfig
+    from dsft.model import align_pad_token, load_model, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), dtype="fp32")
+    tokenizer, model = load_tokenizer(cfg), load_model(cfg)
+    assert model.config.pad_token_id is None and tokenizer.pad_token_id is not None  # what the warning said
+    align_pad_token(model, tokenizer)
+    align_special_tokens(model, tokenizer)  # what Trainer.train() runs
+    assert model.config.pad_token_id == model.generation_config.pad_token_id == tokenizer.pad_token_id
+    assert not any("PAD/BOS/EOS" in s for s in shown), shown
+    tokenizer.eos_token = tokenizer.unk_token  # an EOS the model's configs do not have: still said
+    align_pad_token(model, tokenizer)
+    align_special_tokens(model, tokenizer)
+    assert [s for s in shown if "PAD/BOS/EOS" in s and "'eos_token_id'" in s and "pad_token_id" not in s], shown
+
+
 def test_only_deepspeeds_deprecated_collectives_are_silenced():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -254,6 +254,53 @@ def test_mfu_flops_per_token_count_the_reference_forward(tmp_path, tiny_model_di
     assert adapter > 0 and lora == 4 * n + 6 * adapter + 2 * n
 
 
+def test_plan_counts_the_zero3_reference_engines_gathered_parameters(tmp_path, tiny_model_dir, pairs_file):
+    """Full-fine-tuning DPO under ZeRO-3: TRL's reference engine runs with the policy's zero_optimization (its
+    dotted-key overrides do not reach DeepSpeed: checked below), and its forward holds the largest module plus up to
+    min(stage3_prefetch_bucket_size, stage3_max_live_parameters) gathered elements. The planner adds that to the
+    phases that run the reference forward (forward_backward), not to load / optimizer step / save."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    import dsft.plan as P
+
+    # what TRL's prepare_deepspeed (trl/models/utils.py) does to the reference engine's config under ZeRO-3
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
+          "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 12345,
+                                "stage3_param_persistence_threshold": 0},
+          "zero_optimization.stage3_prefetch_bucket_size": 0.9 * 64 * 64,
+          "zero_optimization.stage3_param_persistence_threshold": 640}
+    zero = DeepSpeedConfig(ds).zero_config
+    assert (zero.prefetch_bucket_size, zero.param_persistence_threshold) == (12345, 0)
+
+    hw = P.hardware_from_flags(gpus_per_node=2, accelerator="H100", host_mem="64GiB")
+    shape = None
+
+    def memory(prefetch, max_live, **train):
+        nonlocal shape
+        raw = _raw(tmp_path, tiny_model_dir, pairs_file, peft=False, **train)
+        raw["deepspeed"] = "zero3"
+        raw["deepspeed_overrides"] = {"zero_optimization": {"stage3_prefetch_bucket_size": prefetch,
+                                                            "stage3_max_live_parameters": max_live}}
+        cfg = from_dict(raw)
+        validate(cfg)
+        shape = P.model_shape(cfg)
+        return P.plan(cfg, hw).configured_memory
+
+    for prefetch, max_live in ((20_000, 1e9), (20_000, 5_000), (1e8, 1e9)):
+        none = memory(prefetch, max_live, precompute_ref_log_probs=True)  # no reference kept
+        assert none.reference_weights == none.reference_buffers == 0
+        # the largest module + min(prefetch, max live), never more than the whole model
+        live = min(shape.largest_layer_params + min(prefetch, max_live), shape.params)
+        m = memory(prefetch, max_live)
+        assert m.reference_buffers == live * 4, (prefetch, max_live)  # fp32 weights
+        assert m.phases["forward_backward"] - none.phases["forward_backward"] == pytest.approx(
+            m.reference_weights + m.reference_buffers, abs=8)
+        for phase in ("load", "optimizer_step", "save"):
+            assert m.phases[phase] - none.phases[phase] == pytest.approx(m.reference_weights, abs=8), phase
+    assert "| reference_buffers |" in P.format_plan(P.plan(from_dict(_raw(tmp_path, tiny_model_dir, pairs_file,
+                                                                           peft=False) | {"deepspeed": "zero3"}), hw))
+
+
 def _safetensors(model_dir):
     from safetensors.torch import load_file
 
@@ -268,11 +315,18 @@ def _train_logs(history: list[dict]) -> list[dict]:
     return [r for r in history if "loss" in r]
 
 
-@pytest.mark.integration
-def test_lora_dpo_learns_the_preference(tmp_path, tiny_model_dir, pairs_file):
+@pytest.fixture(scope="module")
+def lora_dpo_run(tmp_path_factory, tiny_model_dir, pairs_file):
+    """12 steps of LoRA-DPO in this process (fp32, 8 pairs per step): (tmp dir, RunResult); output in dir/out."""
     from dsft.train import run
 
-    result = run(_cfg(tmp_path, tiny_model_dir, pairs_file))
+    tmp_path = tmp_path_factory.mktemp("lora-dpo")
+    return tmp_path, run(_cfg(tmp_path, tiny_model_dir, pairs_file))
+
+
+@pytest.mark.integration
+def test_lora_dpo_learns_the_preference(lora_dpo_run):
+    tmp_path, result = lora_dpo_run
     logs = _train_logs(result.log_history)
     assert len(logs) == 12
     accuracy = [r["rewards/accuracies"] for r in logs]
@@ -288,6 +342,32 @@ def test_lora_dpo_learns_the_preference(tmp_path, tiny_model_dir, pairs_file):
     assert all("tokens_per_second_per_device" in r for r in logged if "loss" in r and r["step"] > 2)  # after warm-up
     assert (out / "adapter_model.safetensors").is_file() and (out / "dsft_done.json").is_file()
     (tmp_path / "curves.json").write_text(json.dumps(logs))  # for docs/preference.md
+
+
+@pytest.mark.integration
+def test_dsft_merge_of_a_dpo_adapter_gives_the_adapter_models_logits(lora_dpo_run, capsys):
+    """`dsft merge` of the LoRA-DPO output: the merged model (no LoRA modules) gives the logits of base + unmerged
+    adapter. fp32: merging adds B A x scale into W once instead of per forward, a reassociation of fp32 sums, so
+    the logits agree to rounding; bound 1e-5 of the largest logit."""
+    from dsft.cli import main
+    from dsft.export import load_for_inference
+
+    tmp_path, _ = lora_dpo_run
+    out, merged_dir = tmp_path / "out", tmp_path / "merged"
+    assert main(["merge", str(out), "--out", str(merged_dir)]) == 0
+    assert f"merged model saved to {merged_dir}" in capsys.readouterr().out
+    adapter, tok = load_for_inference(out, dtype="fp32")
+    merged, _ = load_for_inference(merged_dir, dtype="fp32")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ids = tok(["copy abcdef: abcdef", "copy hgf: stu"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a, b = adapter(**ids).logits, merged(**ids).logits
+        with adapter.disable_adapter():
+            base = adapter(**ids).logits
+    diff, scale = (a - b).abs().max().item(), a.abs().max().item()
+    print(f"dpo merge parity: max abs logit difference {diff:.3g} (logits up to {scale:.3g})")
+    assert diff <= 1e-5 * scale
+    assert (a - base).abs().max() > 100 * max(diff, 1e-7)  # DPO moved the adapter far beyond the merge's rounding
 
 
 @pytest.mark.integration
@@ -374,24 +454,84 @@ def test_config_file_with_method_dpo_loads(tmp_path, tiny_model_dir, pairs_file)
     assert load_config(path, ["train.loss_type=robust", "train.label_smoothing=0.1"]).train["loss_type"] == "robust"
 
 
+@pytest.mark.integration
+def test_nonfinite_guard_stops_a_diverging_dpo_run_without_saving_the_bad_steps(tmp_path, tiny_model_dir, pairs_file):
+    """LoRA-DPO, one process, checkpoints every 3 steps: from step 5 on one output-embedding weight is NaN (as in
+    the SFT guard test, tests/test_reliability.py), so the DPO loss and the LoRA gradients are NaN. With
+    guard.max_nonfinite_steps 2 the run stops at step 6 with NonFiniteError (exit code 3) naming the loss and the
+    gradient norm; checkpoint-6 (a save step in the streak) is never written and checkpoint-3 is left as it was."""
+    from fault_entry import Poison
+    from test_reliability import _assert_guard_stopped, _digests
+
+    from dsft.guards import NonFiniteError
+    from dsft.train import run
+
+    raw = _raw(tmp_path, tiny_model_dir, pairs_file, max_steps=9, save_strategy="steps", save_steps=3)
+    raw["guard"] = {"max_nonfinite_steps": 2}
+    cfg = from_dict(raw)
+    validate(cfg)
+
+    class Snapshot(Poison):  # hashes checkpoint-3 once it is complete, before any NaN
+        good: dict = {}
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                Snapshot.good = _digests(tmp_path / "out" / "checkpoint-3")
+            super().on_step_begin(args, state, control, **kwargs)
+
+    with pytest.raises(NonFiniteError) as e:
+        run(cfg, callbacks=[Snapshot(step=5, rank=0)])
+    assert e.value.exit_code == 3
+    print(e.value)
+    steps = _assert_guard_stopped(tmp_path / "out", str(e.value), first_bad=5, stop=6, good=Snapshot.good)
+    assert steps[5]["nonfinite_loss_ranks"] == [0] and steps[6]["nonfinite_grad_norm"], steps
+    # the guard recorded the DPO loss the Trainer logged (besides the model forwards' own language-model losses)
+    logged = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "out" / "dsft_log.jsonl").read_text()
+                                                .splitlines()) if "loss" in r}
+    for step in (1, 4):
+        assert any(abs(x - logged[step]) <= 1e-6 * logged[step] for x in steps[step]["loss"]), (step, steps[step])
+    assert abs(logged[1] - math.log(2)) < 1e-4
+
+
 # --------------------------------------------------------------------------------------------------
 # full-fine-tuning DPO under ZeRO-3 on 2 ranks: the reference copy is partitioned like the policy
 
 
-@pytest.mark.integration
-def test_zero3_full_dpo_on_two_ranks_partitions_the_reference_too(tmp_path, tiny_model_dir, pairs_file):
+def _torchrun(nproc: int, *configs) -> None:
     from test_distributed import BIN, _run, free_port
 
-    raw = _raw(tmp_path, tiny_model_dir, pairs_file, peft=False, per_device_train_batch_size=4, max_steps=3,
-               learning_rate=1e-3)
-    raw["deepspeed"] = "zero3"
-    # every policy parameter partitioned (TRL sets the reference engine's own threshold: 10 x hidden size)
-    raw["deepspeed_overrides"] = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
-    config = tmp_path / "run.yaml"
-    config.write_text(json.dumps(raw))
-    _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-          str(free_port()), "tests/run_configs.py", str(config)], timeout=600)
-    out = tmp_path / "out"
+    _run([str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port",
+          str(free_port()), "tests/run_configs.py", *map(str, configs)], timeout=600)
+
+
+def _config_file(path, raw: dict):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "run.yaml").write_text(json.dumps(raw))  # JSON is YAML
+    return path / "run.yaml"
+
+
+@pytest.fixture(scope="module")
+def two_rank_dpo(tmp_path_factory, tiny_model_dir, pairs_file):
+    """One torchrun launch (2 ranks, gloo, fp32) running, one after another: LoRA-DPO under ZeRO-2, 6 steps of
+    2 x 4 pairs saving checkpoints 3 and 6 (``lora-zero2``); full-fine-tuning DPO under ZeRO-3, 3 steps
+    (``full-zero3``)."""
+    root = tmp_path_factory.mktemp("dpo-2ranks")
+    lora = _raw(root / "lora-zero2", tiny_model_dir, pairs_file, per_device_train_batch_size=4, max_steps=6,
+                save_strategy="steps", save_steps=3)
+    lora["deepspeed"] = "zero2"
+    full = _raw(root / "full-zero3", tiny_model_dir, pairs_file, peft=False, per_device_train_batch_size=4,
+                max_steps=3, learning_rate=1e-3)
+    full["deepspeed"] = "zero3"
+    # every parameter partitioned, the reference's too: TRL's engine for it keeps the policy's zero_optimization
+    # (its 10 x hidden size threshold is written as a dotted key DeepSpeed ignores; see the planner test above)
+    full["deepspeed_overrides"] = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+    _torchrun(2, _config_file(root / "lora-zero2", lora), _config_file(root / "full-zero3", full))
+    return root
+
+
+@pytest.mark.integration
+def test_zero3_full_dpo_on_two_ranks_partitions_the_reference_too(two_rank_dpo, tiny_model_dir):
+    out = two_rank_dpo / "full-zero3" / "out"
     info = json.loads((out / "dsft_run_info.json").read_text())
     assert info["world_size"] == 2 and info["deepspeed_zero_stage"] == 3 and len(info["ranks"]) == 2
     n = sum(t.numel() for t in _safetensors(tiny_model_dir).values())
@@ -409,6 +549,36 @@ def test_zero3_full_dpo_on_two_ranks_partitions_the_reference_too(tmp_path, tiny
     # zero rewards); then the chosen answers gain on the rejected ones
     assert abs(logs[0]["loss"] - math.log(2)) < 1e-4 and logs[0]["rewards/margins"] == 0
     assert logs[-1]["rewards/margins"] > 0 and logs[-1]["loss"] < logs[0]["loss"]
+
+
+@pytest.mark.integration
+def test_lora_dpo_resumes_on_a_different_world_size(two_rank_dpo, tiny_model_dir, pairs_file):
+    """ZeRO-2 LoRA-DPO saved at step 3 by 2 ranks x 4 pairs resumes on 1 rank x 4 pairs x accumulation 2: the same
+    global batch of 8 pairs, the same rows in the same order (the sampler's permutation does not depend on the
+    world size; 2 ranks take micro-batches 2k and 2k+1 of a step, 1 rank takes both in turn). dsft converts the
+    checkpoint to DeepSpeed's universal format, which restores the fp32 LoRA weights and Adam moments as they were;
+    what may differ is only the order of fp32 additions (an all-reduce average of 2 gradients vs an accumulation),
+    so steps 4-6 reproduce the 2-rank run's losses within 1e-3 relative (fp32; measured: bitwise equal)."""
+    straight = two_rank_dpo / "lora-zero2" / "out"
+    resumed = two_rank_dpo / "one-rank"
+    shutil.copytree(straight / "checkpoint-3", resumed / "out" / "checkpoint-3")
+    raw = _raw(resumed, tiny_model_dir, pairs_file, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+               max_steps=6, save_strategy="steps", save_steps=3, resume_from_checkpoint="last")
+    raw["deepspeed"] = "zero2"
+    _torchrun(1, _config_file(resumed, raw))
+    out = resumed / "out"
+    assert (out / "checkpoint-3" / "latest_universal").is_file()  # went through the universal checkpoint
+    assert json.loads((out / "dsft_run_info.json").read_text())["world_size"] == 1
+    logs = [json.loads(line) for line in (straight / "dsft_log.jsonl").read_text().splitlines()]
+    a = {r["step"]: r for r in logs if "loss" in r}
+    logs = [json.loads(line) for line in (out / "dsft_log.jsonl").read_text().splitlines()]
+    b = {r["step"]: r for r in logs if "loss" in r}
+    assert sorted(a) == [1, 2, 3, 4, 5, 6] and sorted(b) == [4, 5, 6]  # it continued from step 3
+    assert json.loads((out / "dsft_done.json").read_text())["global_step"] == 6
+    for step in (4, 5, 6):
+        for key in ("loss", "rewards/margins"):
+            assert abs(a[step][key] - b[step][key]) <= 1e-3 * abs(a[step][key]), (step, key, a[step], b[step])
+        assert b[step]["learning_rate"] == pytest.approx(a[step]["learning_rate"], rel=1e-6)  # scheduler restored
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,6 +641,49 @@ def test_greedy_completion_is_cut_where_the_function_ends():
     # g's greedy answer equals its solution and h's is empty: no preference in either
     assert skipped == 2 and pairs == [{"prompt": "def f(x):\n", "chosen": "    return x + 1\n",
                                        "rejected": "    return x - 1\n"}]
+
+
+def test_the_rejected_answer_is_the_body_the_model_wrote():
+    """SmolLM2-135M-Instruct on the bare HumanEval prompts wrote no body (a fence and prose, or a new top-level
+    statement); asked through its chat template it writes the function again from its def line, in a code block.
+    Both are read as the body they hold, or nothing (then the pair is skipped)."""
+    from dsft.preference_pairs import function_name, rejected_answer
+
+    prompt = ('from typing import List\n\n\ndef helper(x):\n    return x\n\n\n'
+              'def add(a: int,\n        b: int) -> int:\n    """ Add two numbers.\n    >>> add(1, 2)\n    3\n    """\n')
+    assert function_name(prompt) == "add"  # the last def: helpers come first
+    # a continuation: cut at the first top-level statement
+    assert rejected_answer("    return a - b\n\n\nprint(add(1, 2))\n", prompt) == "    return a - b\n"
+    # a closed code fence and prose, or a test, have no body
+    assert rejected_answer("```\n\nThis function adds a and b.", prompt) == ""
+    assert rejected_answer("\n# Test the function\nprint(add(1, 2))", prompt) == ""
+    # a chat answer: the function in a code block, then prose
+    answer = '```python\ndef add(a, b):\n    """Add."""\n    return a * b\n```\n\nThis function multiplies.'
+    assert rejected_answer(answer, prompt) == "    return a * b\n"
+    # the function again (a multi-line signature, its docstring): the body after the docstring
+    again = ('def add(a: int,\n        b: int) -> int:\n    """ Add two numbers.\n    """\n    c = a * b\n\n'
+             "    return c\n```\n\nThis function multiplies.\n")
+    assert rejected_answer("\n" + again, prompt) == "    c = a * b\n\n    return c\n"
+    one_line_docstring = 'def add(a, b):\n    """Add."""\n    return b\ndef other(): pass'
+    assert rejected_answer(one_line_docstring, prompt) == "    return b\n"
+    # only the docstring (generation ran out) or another function's name: nothing
+    assert rejected_answer('\ndef add(a, b):\n    """ Add two\n    numbers', prompt) == ""
+    assert rejected_answer("\ndef add_manual(a, b):\n    return a + b\n", prompt) == ""
+
+
+def test_an_instruct_model_is_asked_through_its_chat_template(char_tokenizer):
+    from dsft.preference_pairs import generation_prompt
+
+    prompt = "def f(x):\n    \"\"\"add 1\"\"\"\n"
+    text = generation_prompt(char_tokenizer, prompt)
+    # a user turn asking for the function; the model answers with the function (rejected_answer reads its body)
+    assert text == ("<|im_start|>user\nComplete this Python function:\n```python\n" + prompt + "```<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+
+    class Plain:
+        chat_template = None
+
+    assert generation_prompt(Plain(), prompt) == prompt  # a base model continues the bare prompt
 
 
 def test_prepare_preference_writes_pairs_once_and_names_missing_inputs(tmp_path, tiny_model_dir, capsys):

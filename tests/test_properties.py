@@ -247,7 +247,8 @@ def test_the_launcher_receives_any_value_unchanged(stubs, tmp_path_factory, conf
     config = f"/work/{config_dir}/run.yaml"
     script = render(_cfg("j", "p", "a"), config, "torchrun", overrides=[f"data.eval={override}"],
                     job_dir=str(job_dir), workdir=str(work),
-                    executables={"torchrun": str(stubs / "launcher"), "deepspeed": str(stubs / "launcher")})
+                    executables={"torchrun": str(stubs / "launcher"), "deepspeed": str(stubs / "launcher"),
+                                 "python": "true"})  # `dsft validate` of the (absent) config: skipped
     record = work / "argv.json"
     env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-[a-b]",
                SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="7", ARGV_RECORD=str(record))

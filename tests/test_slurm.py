@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -88,7 +89,8 @@ def _render(launcher: str, **paths):
     defaults = {"config_path": f"/work/my {HOSTILE}/run.yaml", "job_dir": f"/scratch/{HOSTILE_PATH}/slurm",
                 "workdir": "/home/u/project dir",
                 "executables": {"torchrun": "/opt/env with space/bin/torchrun",
-                                "deepspeed": "/opt/env with space/bin/deepspeed"}}
+                                "deepspeed": "/opt/env with space/bin/deepspeed",
+                                "python": "/opt/env with space/bin/python"}}
     defaults.update(paths)
     return render(_hostile_cfg(), launcher=launcher, overrides=["train.learning_rate=3e-4", f"data.eval={HOSTILE}"],
                   port=29511, **defaults)
@@ -156,12 +158,16 @@ def test_rendered_script_passes_every_value_through_unchanged(tmp_path, launcher
                                 'SLURM_NODEID=1 exec "$@"\n')
     (stubs / "launcher").write_text(f"#!{sys.executable}\nimport json, sys\n"
                                     f"json.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+    validated = tmp_path / "validate-argv.json"  # the python that runs `dsft validate` before the step
+    (stubs / "python").write_text(f"#!{sys.executable}\nimport json, sys\n"
+                                  f"json.dump(sys.argv[1:], open({str(validated)!r}, 'w'))\n")
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     job_dir = tmp_path / f"jobs {HOSTILE_PATH}"
     job_dir.mkdir()
     launcher_path = str(stubs / "launcher")
-    text = _render(launcher, job_dir=str(job_dir), executables={"torchrun": launcher_path, "deepspeed": launcher_path})
+    text = _render(launcher, job_dir=str(job_dir), executables={"torchrun": launcher_path, "deepspeed": launcher_path,
+                                                                "python": str(stubs / "python")})
     script = tmp_path / "job.sh"
     script.write_text(text)
     env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-[a-b]",
@@ -171,8 +177,12 @@ def test_rendered_script_passes_every_value_through_unchanged(tmp_path, launcher
     argv = json.loads(record.read_text())
     # the module entry (not a path into a clone): the script works wherever dsft is installed
     entry = ["-m", "dsft.run"] if launcher == "torchrun" else ["--module", "dsft.run"]
-    tail = [*entry, "--config", f"/work/my {HOSTILE}/run.yaml", "--set",
-            "train.learning_rate=3e-4", "--set", f"data.eval={HOSTILE}", "--set", "train.resume_from_checkpoint=auto"]
+    sets = ["--set", "train.learning_rate=3e-4", "--set", f"data.eval={HOSTILE}", "--set",
+            "train.resume_from_checkpoint=auto"]
+    tail = [*entry, "--config", f"/work/my {HOSTILE}/run.yaml", *sets]
+    # the config is checked for the job's shape (2 nodes x 8 ranks) before the step starts
+    assert json.loads(validated.read_text()) == ["-m", "dsft", "validate", f"/work/my {HOSTILE}/run.yaml", *sets,
+                                                 "--world-size=16", "--devices-per-node=8"]
     if launcher == "torchrun":
         assert argv == ["--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node-a:29511",
                         "--rdzv-id=77", *tail]
@@ -181,6 +191,47 @@ def test_rendered_script_passes_every_value_through_unchanged(tmp_path, launcher
         assert argv == ["--node_rank=1", f"--hostfile={hostfile}", "--no_ssh", "--master_addr=node-a",
                         "--master_port=29511", *tail]
         assert hostfile.read_text() == "node-a slots=8\nnode-b slots=8\n"
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+@pytest.mark.parametrize("case, validate_rc, step, requeued, rc", [
+    ("bad config: validate refuses it", 2, None, False, 2),
+    ("user error under torchrun: exit 1 + the file", 0, "touch_file; exit 1", False, 2),
+    ("user error, exit 2 (deepspeed launcher, one node)", 0, "exit 2", False, 2),
+    ("rank crash", 0, "exit 1", True, 1),
+])
+def test_rendered_script_requeues_a_failed_step_but_not_a_user_error(tmp_path, launcher, case, validate_rc, step,
+                                                                      requeued, rc):
+    """Stub scontrol/srun/python: a step that fails is requeued; a config or data error (dsft exits 2, or a rank
+    wrote $DSFT_USER_ERROR_FILE because torchrun turns every failure into exit 1) is final: exit 2, no requeue.
+    A config that does not validate stops the job before the step. (The real thing: test_e_ below.)"""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    calls = tmp_path / "calls.log"
+    (stubs / "scontrol").write_text(f'#!/bin/bash\nif [[ "$1 $2" == "show hostnames" ]]; then printf "node-a\\n"; '
+                                    f'else echo "scontrol $*" >>{shlex.quote(str(calls))}; fi\n')
+    (stubs / "srun").write_text(f'#!/bin/bash\necho srun >>{shlex.quote(str(calls))}\n'
+                                'touch_file() { echo "train.output_dir: a finished run" >"$DSFT_USER_ERROR_FILE"; }\n'
+                                f'{step or "exit 0"}\n')
+    (stubs / "python").write_text(f'#!/bin/bash\n(( {validate_rc} )) && echo "dsft: error: unknown key" >&2\n'
+                                  f'exit {validate_rc}\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    job_dir = tmp_path / "jobs"
+    job_dir.mkdir()
+    text = _render(launcher, job_dir=str(job_dir), executables={"torchrun": "torchrun", "deepspeed": "deepspeed",
+                                                                "python": str(stubs / "python")})
+    script = tmp_path / "job.sh"
+    script.write_text(text)
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-a",
+               SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="78")
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == rc, (case, proc.stderr)
+    log = calls.read_text().splitlines() if calls.is_file() else []
+    assert ("srun" in log) == (step is not None), (case, log)
+    assert ("scontrol requeue 78" in log) == requeued, (case, log)
+    if not requeued and rc == 2:
+        assert "not requeued" in proc.stderr.splitlines()[-1], proc.stderr
 
 
 def test_slurm_section_is_checked(tmp_path):
@@ -535,3 +586,49 @@ def test_d_rendered_sbatch_script_runs_to_completion(slurm, tiny_model_dir, slur
     name = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%j"], capture_output=True,
                           text=True).stdout.rstrip("\n")
     assert name == f"d {HOSTILE}"
+
+
+@pytest.mark.integration
+def test_e_a_config_error_fails_the_sbatch_job_without_a_requeue(slurm, tiny_model_dir, slurm_data, tmp_path,
+                                                                  monkeypatch, capsys):
+    """Rendered torchrun scripts, slurm.max_requeues 3. (1) The config turned bad after `dsft sbatch` (an unknown
+    key): `dsft validate` stops the job before the step. (2) A config error only training finds (output_dir holds a
+    finished run): every rank exits 2, torchrun exits 1, the file the ranks wrote tells the script. Both: FAILED,
+    exit code 2, the `dsft: error:` line in the log, no requeue."""
+    from dsft.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    jobs = {}
+    for case in ("validate", "training"):
+        where = tmp_path / case
+        out = where / "out"
+        config = _write_config(where / "run.yaml", tiny_model_dir, slurm_data, out, steps=2,
+                               slurm={"job_name": f"e-{case}", "max_requeues": 3})
+        script = tmp_path / f"{case}.sh"
+        assert main(["sbatch", str(config), "--port", str(free_port()), "--out", str(script)]) == 0
+        if case == "validate":
+            config.write_text(config.read_text() + "bogus_key: 1\n")
+        else:  # resume_from_checkpoint: auto finds no checkpoint, so the run would train over a finished one
+            (out / "dsft_done.json").write_text(json.dumps({"global_step": 2}))
+        submitted = subprocess.run(["sbatch", "--parsable", str(script)], env=_env(), capture_output=True, text=True)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip().split(";")[0]
+        jobs[case] = (job_id, out / "slurm" / f"e-{case}-{job_id}.out")
+    capsys.readouterr()
+    for case, (job_id, log_path) in jobs.items():
+        state = _wait_for(job_id, timeout=300)
+        log = log_path.read_text() if log_path.is_file() else "no log"
+        assert state == "FAILED", f"{case}: {state}\n{log[-4000:]}"
+        job = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+        fields = dict(item.split("=", 1) for item in job.split() if "=" in item)
+        assert fields["Restarts"] == "0" and fields["ExitCode"] == "2:0", (case, job)
+        assert log.count("dsft: job ") == 1 and "requeue 1 of" not in log, log  # one attempt
+        errors = [line for line in log.splitlines() if line.startswith("dsft: error: ")]
+        if case == "validate":
+            assert "unknown key 'bogus_key'" in errors[0], log
+            assert "did not validate (exit 2" in errors[-1] and "not requeued" in errors[-1], log
+            assert "rendezvous" in log and "torch.distributed" not in log  # no step started
+        else:
+            assert "holds a finished run" in errors[0], log
+            assert "a requeue cannot fix (exit 1;" in errors[-1] and "not requeued" in errors[-1], log
+            assert len(errors) == 2, log  # rank 0's line (not one per rank) and the script's

@@ -65,7 +65,8 @@ def test_rendered_script_requeues_a_failed_step_until_the_budget_is_used_up(tmp_
     recorded = tmp_path / "calls"
     stubs = _stub_dir(tmp_path, recorded)
     text = render(_cfg(max_requeues=budget), config_path="/c/run.yaml", launcher=launcher, job_dir=str(tmp_path),
-                  workdir=str(tmp_path))
+                  workdir=str(tmp_path), executables={"torchrun": "torchrun", "deepspeed": "deepspeed",
+                                                      "python": "true"})  # no `dsft validate` of /c/run.yaml
     script = tmp_path / "job.sh"
     script.write_text(text)
     env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", SLURM_JOB_NODELIST="n[1-2]",
@@ -134,7 +135,8 @@ def test_requeue_budget_on_a_real_two_node_job(slurm2, tmp_path, monkeypatch):
     script = tmp_path / "job.sh"
     script.write_text(render(cfg, config_path=str(tmp_path / "unused.yaml"), launcher="torchrun",
                              job_dir=str(job_dir), workdir=str(tmp_path),
-                             executables={"torchrun": str(failing), "deepspeed": str(failing)}))
+                             executables={"torchrun": str(failing), "deepspeed": str(failing),
+                                          "python": "true"}))  # no `dsft validate` of the unused config
     t0 = time.time()
     submitted = subprocess.run(["sbatch", "--parsable", str(script)], env=_env(), capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stderr

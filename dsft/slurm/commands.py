@@ -8,6 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dsft.errors import DsftError
+from dsft.slurm.sbatch import render
+from dsft.slurm.submit import JOB_INFO_NAME, effective_config, format_job_status, job_dir_of, submit, wait
+from dsft.slurm.sweep import SWEEP_INFO_NAME, collect, read_sweep_info, submit_sweep, wait_sweep, write_results
 
 # flag -> slurm config field; every flag overrides the config's `slurm:` section
 SLURM_FLAGS = {
@@ -39,8 +42,6 @@ def _slurm_flags(a: argparse.Namespace) -> dict:
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
-    from dsft.slurm.submit import submit, wait
-
     sub = submit(a.config, a.set, _slurm_flags(a))
     print(f"submitted job {sub.job.job_id}: {sub.info['tasks']} rank(s) on {sub.info['nodes']} node(s)")
     print(f"job folder: {sub.folder}   (dsft status {sub.folder})")
@@ -59,9 +60,6 @@ def cmd_submit(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from dsft.slurm.submit import JOB_INFO_NAME, format_job_status
-    from dsft.slurm.sweep import SWEEP_INFO_NAME, collect, read_sweep_info, write_results
-
     path = Path(a.path)
     if (path / SWEEP_INFO_NAME).is_file():
         rows = collect(read_sweep_info(path))
@@ -76,8 +74,6 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from dsft.slurm.sweep import collect, submit_sweep, wait_sweep, write_results
-
     flags = _slurm_flags(a)
     if a.parallel is not None:
         flags["array_parallelism"] = a.parallel
@@ -97,9 +93,6 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_sbatch(a: argparse.Namespace) -> int:
-    from dsft.slurm.sbatch import render
-    from dsft.slurm.submit import effective_config, job_dir_of
-
     _, cfg = effective_config(a.config, a.set, _slurm_flags(a))
     job_dir = job_dir_of(cfg)
     script = render(cfg, str(Path(a.config).absolute()), a.launcher, a.set, port=a.port)

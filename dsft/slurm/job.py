@@ -11,6 +11,7 @@ and only then calls submitit's handler.
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 import random
@@ -20,6 +21,8 @@ import time
 import submitit
 
 from dsft import preemption
+from dsft.distributed import exit_now
+from dsft.run import train_entry
 
 # how long ranks other than 0 wait for the requeue (issued by rank 0) to end them
 REQUEUE_WAIT_S = 300
@@ -60,11 +63,6 @@ class SlurmTraining(submitit.helpers.Checkpointable):
         signum = getattr(signal, "SIG" + env.USR_SIG)
         submitit_handler = preemption.arm(signum)  # first: the signal may come while the libraries load
         export_distributed_env(env)
-        # deferred until the signal handler is armed and the rank environment exported: dsft.run's training
-        # imports (torch, transformers) take seconds, and dsft submit imports this module without needing them
-        from dsft.distributed import exit_now
-        from dsft.run import train_entry
-
         try:
             result, distributed = train_entry(self.config, [], callbacks=[preemption.PreemptionCallback()])
         except preemption.Preempted as stop:
@@ -73,8 +71,6 @@ class SlurmTraining(submitit.helpers.Checkpointable):
         if distributed:
             # as `dsft train` does: skip the interpreter teardown that aborted intermittently after multi-rank
             # runs here; it runs after submitit has written this task's result
-            import atexit
-
             atexit.register(exit_now, 0)
         return self._summary(env, result)
 

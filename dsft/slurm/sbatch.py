@@ -21,6 +21,7 @@ from dsft import templates
 from dsft.config import RunConfig
 from dsft.errors import DsftError
 from dsft.slurm.resources import per_node_launcher_resources, tasks_per_node
+from dsft.slurm.submit import job_dir_of
 
 TEMPLATES_DIR = templates.directory("slurm")  # or $DSFT_SLURM_TEMPLATES
 LAUNCHERS = ("torchrun", "deepspeed")
@@ -55,7 +56,10 @@ def render(cfg: RunConfig, config_path: str, launcher: str, overrides: list[str]
     time; ``overrides`` are passed on as ``--set``; the job runs in ``workdir`` (default: here), which relative
     paths in the config are relative to. When Slurm requeues the job (``--requeue``) it resumes from the newest
     checkpoint in output_dir (``train.resume_from_checkpoint=auto`` unless the config sets it). The script requeues
-    itself when its step fails, and stops requeueing after ``slurm.max_requeues`` requeues of any cause."""
+    itself when its step fails, and stops requeueing after ``slurm.max_requeues`` requeues of any cause. A user
+    error (dsft's exit code 2: config, data, a full disk) is final: the script runs ``dsft validate`` before the
+    step, and a step that stops on such an error (dsft.run.USER_ERROR_FILE_ENV) leaves the job failed with exit
+    code 2, not requeued."""
     if launcher not in LAUNCHERS:
         raise DsftError(f"--launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}")
     template = TEMPLATES_DIR / f"{launcher}.sbatch"
@@ -63,8 +67,6 @@ def render(cfg: RunConfig, config_path: str, launcher: str, overrides: list[str]
         raise DsftError(f"{template}: sbatch template not found (set $DSFT_SLURM_TEMPLATES to a copy of slurm/)")
     s = cfg.slurm
     if job_dir is None:
-        from dsft.slurm.submit import job_dir_of
-
         job_dir = str(job_dir_of(cfg))
     options = per_node_launcher_resources(s)
     options.update({"chdir": workdir or os.getcwd(), "output": job_dir.replace("%", "%%") + "/%x-%j.out",
@@ -84,6 +86,7 @@ def render(cfg: RunConfig, config_path: str, launcher: str, overrides: list[str]
         "job_dir": shlex.quote(job_dir),
         "torchrun": shlex.quote(executables["torchrun"]),
         "deepspeed": shlex.quote(executables["deepspeed"]),
+        "python": shlex.quote(executables.get("python") or sys.executable),  # runs `dsft validate` before the step
         "module": shlex.quote(module),
         "config": shlex.quote(config_path),
         "overrides": "".join(f" --set {shlex.quote(item)}" for item in sets),

@@ -23,6 +23,7 @@ from typing import Any
 
 from dsft.config import (LOG_FILE_NAME, RESOLVED_CONFIG_NAME, RunConfig, apply_override, dump_yaml, from_dict,
                          read_yaml, validate)
+from dsft.deepspeed import prepare_for_run
 from dsft.errors import ConfigError, DsftError
 from dsft.fsutil import atomic_write_text
 from dsft.slurm.resources import resources, tasks_per_node, with_overrides
@@ -58,8 +59,6 @@ def effective_config(config: str, overrides: list[str], slurm_flags: dict[str, A
     cfg = from_dict(raw)
     validate(cfg)
     if cfg.deepspeed:  # the DeepSpeed linter for the job's real shape (world size, devices per node)
-        from dsft.deepspeed import prepare_for_run
-
         prepare_for_run(cfg, slurm.nodes * tasks_per_node(slurm), tasks_per_node(slurm))
     return raw, cfg
 
@@ -90,7 +89,7 @@ def sbatch_refused(e: Exception) -> DsftError:
 
 def make_executor(cfg: RunConfig, folder: Path):
     """submitit's Slurm executor with the job's resources (the same ones the sbatch templates request)."""
-    import submitit
+    import submitit  # deferred: the optional `slurm` extra; dsft sbatch and dsft status work without it
 
     s = cfg.slurm
     executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=s.max_num_timeout)
@@ -105,7 +104,7 @@ class Submitted:
     info: dict
 
     def log_paths(self) -> list[str]:
-        from submitit.core.utils import JobPaths
+        from submitit.core.utils import JobPaths  # deferred: the optional `slurm` extra (see make_executor)
 
         return [str(JobPaths(self.folder, self.job.job_id, task_id=t).stdout) for t in range(self.info["tasks"])]
 
@@ -119,12 +118,14 @@ def submit(config: str, overrides: list[str], slurm_flags: dict[str, Any]) -> Su
     """Submit one training job: every task runs dsft.slurm.job.SlurmTraining (the training entry of dsft train)."""
     require_slurm("dsft submit")
     raw, cfg = effective_config(config, overrides, slurm_flags)
+    # deferred: the worker module loads submitit (the optional `slurm` extra) and transformers (dsft.preemption's
+    # TrainerCallback), which the other Slurm commands do not need
     from dsft.slurm.job import SlurmTraining
+    from submitit.core.utils import FailedJobError
 
     job_dir = job_dir_of(cfg)
     submitted = write_submitted_config(raw, job_dir)
     executor = make_executor(cfg, job_dir / "%j")
-    from submitit.core.utils import FailedJobError
 
     try:
         job = executor.submit(SlurmTraining(str(submitted), cfg.slurm.max_requeues))

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from dsft.errors import ConfigError, DsftError
-from dsft.slurm.submit import (effective_config, job_dir_of, job_state, last_logged, make_executor, require_slurm,
-                               sbatch_refused, write_job_info, write_submitted_config)
+from dsft.slurm.submit import (Submitted, effective_config, job_dir_of, job_state, last_logged, make_executor,
+                               require_slurm, sbatch_refused, wait, write_job_info, write_submitted_config)
 
 SWEEP_INFO_NAME = "dsft_sweep.json"
 RESULTS_NAME = "sweep_results"
@@ -114,8 +114,8 @@ def submit_sweep(config: str, overrides: list[str], slurm_flags: dict[str, Any],
         if not (cfg.data.eval or cfg.data.eval_fraction):
             raise ConfigError("dsft sweep ranks points by eval loss: set data.eval or data.eval_fraction")
         prepared.append((i, point, out, raw, cfg))
+    # deferred: submitit (the optional `slurm` extra) and transformers (see dsft.slurm.submit.submit)
     from dsft.slurm.job import SlurmTraining
-
     from submitit.core.utils import FailedJobError
 
     executor = make_executor(base_cfg, job_dir / "%j")
@@ -180,8 +180,6 @@ def write_results(base: str | Path, rows: list[dict]) -> tuple[Path, Path]:
 
 def wait_sweep(info: dict) -> bool:
     """Block until every point's job has ended; True if all of them succeeded."""
-    from dsft.slurm.submit import Submitted, wait
-
     ok = True
     for job in info["jobs"]:
         ok = wait(Submitted(job, Path(job.paths.folder), {}))[0] and ok
