@@ -3,7 +3,7 @@ loss, and dsft with the chunked loss + sequence parallelism (sp=2), from 1k to 3
 trains within a fixed per-rank memory budget. Not a test.
 
     .venv/bin/python bench/long_context.py [--lengths 2048 4096 8192 16384 32768] [--layers 2] [--budget-gib 4]
-                                           [--ladder-steps 1] [--tput-len 1024 --tput-steps 6 --pairs 2]
+                                           [--ladder-steps 1] [--tput-len 1024 --tput-steps 6 --pairs 3]
 
 Model: SmolLM2-135M-Instruct's architecture (hidden 576, MLP 1536, vocab 49,152, tied embeddings) cut to
 ``--layers`` of its 30 decoder layers, with 8 attention heads of 72 and 2 key/value heads in place of 9 of 64 and 3
@@ -230,7 +230,7 @@ def main() -> None:
     p.add_argument("--zero", type=int, default=2, choices=(1, 2, 3))
     p.add_argument("--tput-len", type=int, default=1024)
     p.add_argument("--tput-steps", type=int, default=6)
-    p.add_argument("--pairs", type=int, default=2, help="alternating plain/chunked pairs at --tput-len (0: none)")
+    p.add_argument("--pairs", type=int, default=3, help="alternating plain/chunked pairs at --tput-len (0: none)")
     p.add_argument("--compare-at", type=int, default=8192, help="length of the peak-ratio goal")
     p.add_argument("--prepare", help=argparse.SUPPRESS)
     p.add_argument("--keep", help="work dir to keep (default: a temporary one)")

@@ -20,7 +20,7 @@ from dsft.prepare import prepare_here, submit_prepare
 from dsft.report import format_summary, write_report
 from dsft.run import quiet_libraries, report_error, setup_logging, train_and_report
 from dsft.slurm.commands import SLURM_FLAGS, _slurm_flags, add_slurm_commands
-from dsft.slurm.submit import wait
+from dsft.slurm.submit import follow
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -99,15 +99,9 @@ def cmd_prepare(a: argparse.Namespace) -> int:
         print(text)
         return 0
     sub = submit_prepare(a.config, a.set, flags)
-    print(f"submitted job {sub.job.job_id}: dsft prepare, 1 task, no GPU")
-    print(f"job folder: {sub.folder}   (dsft status {sub.folder})")
-    print("log: " + " ".join(sub.log_paths()))
-    if not a.wait:
-        return 0
-    ok, results = wait(sub)
-    if not ok:
-        print(f"job {sub.job.job_id} failed: {results}", file=sys.stderr)
-        return 1
+    code, results = follow(sub, "dsft prepare, 1 task, no GPU", "log", a.wait)
+    if results is None:
+        return code
     print(format_prepared(results[0]))
     print(f"job {sub.job.job_id} completed")
     return 0

@@ -56,6 +56,14 @@ GPU_HOST_PROCESS_BYTES = 3 * GiB  # host RAM of one GPU training process (librar
 # activation_bytes(heap_retains=True) and the training heap kept during evaluation. 0 when MALLOC_MMAP_THRESHOLD_ is
 # set (freed blocks then leave RSS).
 GLIBC_RETAINED_FRACTION = 0.20
+# glibc, evaluation after training steps (default malloc): RSS climbs layer by layer through the eval forward, on
+# top of the training heap glibc kept, and falls back when the evaluation ends -- freed per-layer eval tensors are
+# not all reused by the next layer (smaller long-lived tensors, e.g. the KV cache the eval forward builds, settle in
+# their holes). The demo (examples/demo-smollm2-lora.yaml, 8 x 512 eval tokens, 30 layers) climbed 0.59 GiB from the
+# resting 2.20 GiB over the eval at step 8 before its loss chunks (bench/plan_validation.py's rss_timeline,
+# 2026-11-30): 0.26 of the eval layers' heap-sized transients (eval_heap_growth_bytes) summed over the layers.
+EVAL_HEAP_GROWTH_FRACTION = 0.26
+MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's dynamic mmap threshold stops here: larger blocks always get own mappings
 FIT_FRACTION = 0.92  # plan to at most this share of device memory (allocator fragmentation, spikes)
 OFFLOAD_HOST_BYTES_PER_S = 10e9  # optimizer offload: host Adam + PCIe traffic, per device (rough)
 PCIE_BYTES_PER_S = 25e9  # parameter offload traffic per device
@@ -450,10 +458,27 @@ def eval_activation_bytes(shape: ModelShape, prec: Precision, rows: int, seq_len
     return layer * tokens + vocab
 
 
+def eval_heap_growth_bytes(shape: ModelShape, prec: Precision, rows: int, seq_len: int, sequence: int = 1,
+                           attn: str = "sdpa") -> float:
+    """CPU, glibc's default malloc: what the heap grows by during one evaluation after training steps (see
+    EVAL_HEAP_GROWTH_FRACTION): that fraction of the eval layers' transients summed over all layers, counting only
+    the tensors glibc takes from its heap (a [tokens x width] tensor up to MMAP_THRESHOLD_MAX; larger ones get their
+    own mappings, returned when freed). The vocabulary-wide tensors are not part of it."""
+    tokens = rows * -(-seq_len // max(1, sequence))
+    a = prec.compute_bytes
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    # (count, width) of one eval layer's transients, as eval_activation_bytes counts them
+    widths = [(3, shape.hidden), (2, q), (2, kv), (4, shape.intermediate)]
+    if attn in ("sdpa", "eager") and sequence == 1:
+        widths.append((1, seq_len))  # the packing / padding mask
+    per_layer = sum(n * a * w * tokens for n, w in widths if a * w * tokens <= MMAP_THRESHOLD_MAX)
+    return EVAL_HEAP_GROWTH_FRACTION * shape.layers * per_layer
+
+
 def evaluates(cfg: RunConfig) -> bool:
-    """Whether the run evaluates during training (eval data and an eval strategy)."""
-    has_eval = bool(cfg.data.eval) or bool(cfg.data.eval_fraction)
-    return has_eval and str(cfg.train.get("eval_strategy", "no")) != "no"
+    """Whether the run evaluates: with eval data, during training per ``train.eval_strategy`` and, whatever the
+    strategy, once after training (dsft.train runs ``trainer.evaluate()`` whenever there is eval data)."""
+    return bool(cfg.data.eval) or bool(cfg.data.eval_fraction)
 
 
 def autocast_weight_copies(shape: ModelShape, prec: Precision, checkpointing: bool) -> int:
@@ -571,6 +596,7 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
     save = weights + optim + _save_bytes(cfg, shape, prec, wb, stage)
     fwd_bwd, step, load, save = fwd_bwd + ref + ref_gather, step + ref, load + ref, save + ref
     named = [("load", load), ("forward_backward", fwd_bwd), ("optimizer_step", step), ("save", save)]
+    unretained: dict[str, float] = {}  # per phase: bytes of own mappings, outside glibc's retained share
     if evaluates(cfg):
         # Evaluation runs between optimizer steps: weights and optimizer states stay; plain gradients were freed by
         # zero_grad (DeepSpeed keeps its partition buffer). The Trainer's default eval batch is 8 rows.
@@ -583,11 +609,21 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
             # backward are still RSS when evaluation runs between steps (the vocabulary-wide ones, > 32 MiB, were
             # returned). The chunked demo's peak RSS rose by this much at its first evaluation after training.
             eval_act += acts["layers"]
+            # and the eval forward grows the heap on top of it (every run with eval data evaluates after training)
+            eval_act += eval_heap_growth_bytes(shape, prec, eval_rows, _seq_len(cfg), sp, cfg.model.attn_implementation)
+            # vocabulary-wide eval tensors above glibc's mmap ceiling are own mappings: none of it stays resident
+            vocab_only = eval_activation_bytes(shape, prec, eval_rows, _seq_len(cfg), chunk, sp,
+                                               cfg.model.attn_implementation, fp32_outputs=mixed) - \
+                eval_activation_bytes(dataclasses.replace(shape, vocab=0), prec, eval_rows, _seq_len(cfg), chunk,
+                                      sp, cfg.model.attn_implementation, fp32_outputs=mixed)
+            eval_tokens = eval_rows * -(-_seq_len(cfg) // sp)
+            vocab_tensor = 4 * shape.vocab * (min(chunk, eval_tokens) if chunk else eval_tokens)
+            unretained["evaluation"] = vocab_only if vocab_tensor > MMAP_THRESHOLD_MAX else 0.0
         eval_act += 2 * shape.vocab * shape.hidden if prec.autocast else 0  # the lm_head's cast weight
         named.append(("evaluation", weights + optim + (grads if use_ds else 0) + buffers + eval_act + ref + ref_gather))
     if hw.is_cpu:  # what glibc keeps resident of freed tensors, on top of what the phase holds
         retained = _malloc_retained_fraction(hw)
-        named = [(k, v * (1 + retained)) for k, v in named]
+        named = [(k, v * (1 + retained) - retained * unretained.get(k, 0.0)) for k, v in named]
     phases = {k: int(v + overhead) for k, v in named}
     peak_phase = max(phases, key=phases.get)
 

@@ -1,19 +1,20 @@
 """``dsft prepare-preference``: DPO pairs from the demo's HumanEval data (written by ``dsft prepare-demo``).
 
 Each row keeps the HumanEval prompt (a function signature and docstring); ``chosen`` is the canonical solution,
-``rejected`` the base model's own greedy continuation of the same prompt, cut where the function ends (HumanEval's
-usual stop sequences). The rejected code is not executed (it is model output): it is "what the model writes now",
-not a checked wrong answer, which is what a first DPO round on one's own model's outputs uses. Pairs whose two
-answers come out empty or equal carry no preference and are skipped (counted).
+``rejected`` a body the model writes itself for that function (greedy; see rejected_answer). The rejected code is
+not executed (it is model output): it is "what the model writes now", not a checked wrong answer, which is what a
+first DPO round on one's own model's outputs uses. Pairs whose rejected answer comes out empty or equal to the
+solution carry no preference and are skipped (counted).
 
 How the model is asked: an instruct model (its tokenizer has a chat template) continued on the bare prompt treats
 the function as finished after its docstring. Measured with SmolLM2-135M-Instruct on the first 16 + 16 prompts: 18
 of 32 continuations began a new top-level statement (a test ``print``, ``# Example usage``, another ``def``), cut to
-nothing, and the other 14 closed a code fence and wrote prose; none wrote a body (pre-filling its chat answer with
-the open code block and the prompt did no better: 31 of 32 closed the block at once). Asked in a user turn to
-complete the function, it writes the whole function in a code block, from its ``def`` line: the body of that
-restatement (docstring dropped) is the rejected answer. So a tokenizer with a chat template gets that request,
-and generation stops where the answer's code block closes.
+nothing, 13 closed a code fence and wrote prose, 1 wrote the function again from its ``def`` line; pre-filling its
+chat answer with the open code block and the prompt did no better (31 of 32 closed the block at once or began a new
+statement). Asked in a user turn to complete the function, it writes the whole function in a code block, from its
+``def`` line (28 of 32 with a body): the body of that restatement (docstring dropped) is the rejected answer. So a
+tokenizer with a chat template gets that request, and generation stops where the answer's code block closes;
+without one (a base model) the bare prompt is continued.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dsft.errors import DsftError
 from dsft.slurm.sbatch import render
-from dsft.slurm.submit import JOB_INFO_NAME, effective_config, format_job_status, job_dir_of, submit, wait
+from dsft.slurm.submit import JOB_INFO_NAME, effective_config, format_job_status, follow, job_dir_of, submit
 from dsft.slurm.sweep import SWEEP_INFO_NAME, collect, read_sweep_info, submit_sweep, wait_sweep, write_results
 
 # flag -> slurm config field; every flag overrides the config's `slurm:` section
@@ -43,15 +43,10 @@ def _slurm_flags(a: argparse.Namespace) -> dict:
 
 def cmd_submit(a: argparse.Namespace) -> int:
     sub = submit(a.config, a.set, _slurm_flags(a))
-    print(f"submitted job {sub.job.job_id}: {sub.info['tasks']} rank(s) on {sub.info['nodes']} node(s)")
-    print(f"job folder: {sub.folder}   (dsft status {sub.folder})")
-    print("per-rank logs: " + " ".join(sub.log_paths()))
-    if not a.wait:
-        return 0
-    ok, results = wait(sub)
-    if not ok:
-        print(f"job {sub.job.job_id} failed: {results}", file=sys.stderr)
-        return 1
+    code, results = follow(sub, f"{sub.info['tasks']} rank(s) on {sub.info['nodes']} node(s)", "per-rank logs",
+                           a.wait)
+    if results is None:
+        return code
     for r in results:
         print(f"rank {r['rank']}: step {r['global_step']} loss {r['loss']} eval_loss {r['eval_loss']} "
               f"(host {r['host']}, restarts {r['restart']})")

@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,21 @@ def wait(sub: Submitted) -> tuple[bool, list | str]:
     except Exception as e:  # submitit re-raises the job's failure (its traceback text) here
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
         return False, lines[-1] if lines else type(e).__name__
+
+
+def follow(sub: Submitted, what: str, logs: str, block: bool) -> tuple[int, list | None]:
+    """Print the submitted job (id, folder, logs); with ``block``, wait for its end: (0, results) on success,
+    (1, None) on failure (said on stderr); (0, None) without ``block``."""
+    print(f"submitted job {sub.job.job_id}: {what}")
+    print(f"job folder: {sub.folder}   (dsft status {sub.folder})")
+    print(f"{logs}: " + " ".join(sub.log_paths()))
+    if not block:
+        return 0, None
+    ok, results = wait(sub)
+    if not ok:
+        print(f"job {sub.job.job_id} failed: {results}", file=sys.stderr)
+        return 1, None
+    return 0, results
 
 
 # --------------------------------------------------------------------------------------------------
