@@ -14,6 +14,7 @@ is its own; children's peak is taken from RUSAGE_CHILDREN). Tokenizer: SmolLM2-1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -21,6 +22,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +73,34 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def _rss_anon_kb(pid: str = "self") -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("RssAnon:")), 0)
+    except OSError:  # the process ended
+        return 0
+
+
+class AnonPeak(threading.Thread):
+    """Peak anonymous memory (RssAnon: heap and stacks, not file pages) of this process and of its largest child
+    (a forked worker also counts the pages it still shares with this process), sampled every 0.2 s. ru_maxrss also counts the pages of memory-mapped Arrow files read so far:
+    the kernel can drop those at any time, and they grow with the dataset however little the process holds."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.main_kb = self.children_kb = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            self.main_kb = max(self.main_kb, _rss_anon_kb())
+            kids = []
+            for task in Path("/proc/self/task").iterdir():
+                with contextlib.suppress(OSError):
+                    kids += (task / "children").read_text().split()
+            self.children_kb = max([self.children_kb] + [_rss_anon_kb(k) for k in kids])
+
+
 def dsft_run(path: Path, cache: Path, num_proc: int, packing: bool) -> dict:
     """prepare_data from the JSON-lines file to the finished cache, in this (fresh) process."""
     from transformers import AutoTokenizer
@@ -81,16 +111,20 @@ def dsft_run(path: Path, cache: Path, num_proc: int, packing: bool) -> dict:
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
     cfg = DataConfig(train=str(path), format="messages", max_seq_len=2048, packing=packing, cache_dir=str(cache),
                      num_proc=num_proc)
+    anon = AnonPeak()
+    anon.start()
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     data = prepare_data(cfg, tok)
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+    anon.stop.set()
     shutil.rmtree(cache)  # 1M rows make a few GB
     st = data.stats["train"]
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"num_proc": num_proc, "packing": packing, "tokens": st.tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(st.tokens / seconds), "cpu_seconds": round(cpu, 2), "peak_rss_mb_main": round(self_kb / 1024),
-            "peak_rss_mb_worker": round(child_kb / 1024)}
+            "tokens_per_s": round(st.tokens / seconds), "cpu_seconds": round(cpu, 2),
+            "peak_rss_mb_main": round(self_kb / 1024), "peak_rss_mb_worker": round(child_kb / 1024),
+            "peak_anon_mb_main": round(anon.main_kb / 1024), "peak_anon_mb_worker": round(anon.children_kb / 1024)}
 
 
 def main() -> int:

@@ -17,8 +17,11 @@ including its allowance for freed heap blocks glibc keeps resident (dsft.plan.GL
 ``--allocators fixed`` also runs with glibc's mmap threshold fixed at 128 KiB (freed tensors leave RSS, so RSS is
 what the run holds plus the libraries), compared with the planner's prediction without retention; the ratio of
 the two measurements is where the retained fraction comes from. Prints a markdown table and writes
-bench/results/plan_validation.json; ``--reuse`` re-predicts against the measurements stored there without
-running anything (for changes to the planner).
+bench/results/plan_validation.json; ``--reuse`` re-predicts every row from its stored config against the
+measurements stored there without running anything (for changes to the planner). A run records, per row and
+allocator, the Trainer's logged peak RSS per step and an RSS timeline sampled every second with the log record
+and checkpoints present (``rss_timeline``: where RSS grows -- training, evaluation, save); a re-measured row keeps
+its earlier figures under ``earlier_runs``.
 """
 
 from __future__ import annotations

@@ -58,11 +58,13 @@ GPU_HOST_PROCESS_BYTES = 3 * GiB  # host RAM of one GPU training process (librar
 GLIBC_RETAINED_FRACTION = 0.20
 # glibc, evaluation after training steps (default malloc): RSS climbs layer by layer through the eval forward, on
 # top of the training heap glibc kept, and falls back when the evaluation ends -- freed per-layer eval tensors are
-# not all reused by the next layer (smaller long-lived tensors, e.g. the KV cache the eval forward builds, settle in
-# their holes). The demo (examples/demo-smollm2-lora.yaml, 8 x 512 eval tokens, 30 layers) climbed 0.59 GiB from the
-# resting 2.20 GiB over the eval at step 8 before its loss chunks (bench/plan_validation.py's rss_timeline,
-# 2026-11-30): 0.26 of the eval layers' heap-sized transients (eval_heap_growth_bytes) summed over the layers.
-EVAL_HEAP_GROWTH_FRACTION = 0.26
+# not all reused by the next layer -- by more the more training steps came before. The demo
+# (examples/demo-smollm2-lora.yaml: 8 x 512 eval tokens, 30 layers, whose eval layers' heap-sized transients add up
+# to 2.27 GiB; bench/plan_validation.py's rss_timeline, 2026-11-30) grew 0.2 GiB in its evaluation before training,
+# 0.59 after step 8, 1.13 after step 16 and 1.39 GiB in the final evaluation (another run of it stayed below 0.6):
+# up to 0.038 of that sum per optimizer step before the evaluation, i.e. all of it (nothing reused, the bound)
+# from 27 steps on, and when the step count is not known (no max_steps).
+EVAL_HEAP_GROWTH_PER_STEP = 0.038
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's dynamic mmap threshold stops here: larger blocks always get own mappings
 FIT_FRACTION = 0.92  # plan to at most this share of device memory (allocator fragmentation, spikes)
 OFFLOAD_HOST_BYTES_PER_S = 10e9  # optimizer offload: host Adam + PCIe traffic, per device (rough)
@@ -459,11 +461,12 @@ def eval_activation_bytes(shape: ModelShape, prec: Precision, rows: int, seq_len
 
 
 def eval_heap_growth_bytes(shape: ModelShape, prec: Precision, rows: int, seq_len: int, sequence: int = 1,
-                           attn: str = "sdpa") -> float:
-    """CPU, glibc's default malloc: what the heap grows by during one evaluation after training steps (see
-    EVAL_HEAP_GROWTH_FRACTION): that fraction of the eval layers' transients summed over all layers, counting only
-    the tensors glibc takes from its heap (a [tokens x width] tensor up to MMAP_THRESHOLD_MAX; larger ones get their
-    own mappings, returned when freed). The vocabulary-wide tensors are not part of it."""
+                           attn: str = "sdpa", steps: int | None = None) -> float:
+    """CPU, glibc's default malloc: what the heap grows by during an evaluation after ``steps`` optimizer steps
+    (None: unknown; see EVAL_HEAP_GROWTH_PER_STEP): min(1, EVAL_HEAP_GROWTH_PER_STEP x steps) of the eval layers'
+    transients summed over all layers, counting only the tensors glibc takes from its heap (a [tokens x width]
+    tensor up to MMAP_THRESHOLD_MAX; larger ones get their own mappings, returned when freed). The
+    vocabulary-wide tensors are not part of it."""
     tokens = rows * -(-seq_len // max(1, sequence))
     a = prec.compute_bytes
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -472,7 +475,8 @@ def eval_heap_growth_bytes(shape: ModelShape, prec: Precision, rows: int, seq_le
     if attn in ("sdpa", "eager") and sequence == 1:
         widths.append((1, seq_len))  # the packing / padding mask
     per_layer = sum(n * a * w * tokens for n, w in widths if a * w * tokens <= MMAP_THRESHOLD_MAX)
-    return EVAL_HEAP_GROWTH_FRACTION * shape.layers * per_layer
+    fraction = 1.0 if not steps or steps < 0 else min(1.0, EVAL_HEAP_GROWTH_PER_STEP * steps)
+    return fraction * shape.layers * per_layer
 
 
 def evaluates(cfg: RunConfig) -> bool:
@@ -596,7 +600,7 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
     save = weights + optim + _save_bytes(cfg, shape, prec, wb, stage)
     fwd_bwd, step, load, save = fwd_bwd + ref + ref_gather, step + ref, load + ref, save + ref
     named = [("load", load), ("forward_backward", fwd_bwd), ("optimizer_step", step), ("save", save)]
-    unretained: dict[str, float] = {}  # per phase: bytes of own mappings, outside glibc's retained share
+    unretained: dict[str, float] = {}  # per phase: bytes outside glibc's retained share (own mappings, measured)
     if evaluates(cfg):
         # Evaluation runs between optimizer steps: weights and optimizer states stay; plain gradients were freed by
         # zero_grad (DeepSpeed keeps its partition buffer). The Trainer's default eval batch is 8 rows.
@@ -609,8 +613,11 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
             # backward are still RSS when evaluation runs between steps (the vocabulary-wide ones, > 32 MiB, were
             # returned). The chunked demo's peak RSS rose by this much at its first evaluation after training.
             eval_act += acts["layers"]
-            # and the eval forward grows the heap on top of it (every run with eval data evaluates after training)
-            eval_act += eval_heap_growth_bytes(shape, prec, eval_rows, _seq_len(cfg), sp, cfg.model.attn_implementation)
+            # and the eval forward grows the heap on top of it (every run with eval data evaluates after training,
+            # after max_steps steps); measured RSS itself, so outside the retained share below
+            growth = eval_heap_growth_bytes(shape, prec, eval_rows, _seq_len(cfg), sp, cfg.model.attn_implementation,
+                                            steps=int(cfg.train.get("max_steps", -1) or -1))
+            eval_act += growth
             # vocabulary-wide eval tensors above glibc's mmap ceiling are own mappings: none of it stays resident
             vocab_only = eval_activation_bytes(shape, prec, eval_rows, _seq_len(cfg), chunk, sp,
                                                cfg.model.attn_implementation, fp32_outputs=mixed) - \
@@ -618,7 +625,7 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
                                       sp, cfg.model.attn_implementation, fp32_outputs=mixed)
             eval_tokens = eval_rows * -(-_seq_len(cfg) // sp)
             vocab_tensor = 4 * shape.vocab * (min(chunk, eval_tokens) if chunk else eval_tokens)
-            unretained["evaluation"] = vocab_only if vocab_tensor > MMAP_THRESHOLD_MAX else 0.0
+            unretained["evaluation"] = growth + (vocab_only if vocab_tensor > MMAP_THRESHOLD_MAX else 0.0)
         eval_act += 2 * shape.vocab * shape.hidden if prec.autocast else 0  # the lm_head's cast weight
         named.append(("evaluation", weights + optim + (grads if use_ds else 0) + buffers + eval_act + ref + ref_gather))
     if hw.is_cpu:  # what glibc keeps resident of freed tensors, on top of what the phase holds
@@ -866,7 +873,9 @@ def plan(cfg: RunConfig, hw: Hardware) -> Plan:
                      f"({_overhead(hw) / GiB:.2f} GiB: libraries imported by a training process), and "
                      f"+{_malloc_retained_fraction(hw):.0%} of the rest for freed memory glibc malloc keeps resident")
         if evaluates(cfg):
-            notes.append("evaluation phase: per_device_eval_batch_size rows (Trainer default 8) of max_seq_len tokens")
+            notes.append("evaluation phase (eval data: per eval_strategy and once after training): "
+                         "per_device_eval_batch_size rows (Trainer default 8) of max_seq_len tokens, on top of the "
+                         "training heap glibc keeps, plus the heap the eval forward grows")
     else:
         notes.append(f"GPU: per-device memory includes {GPU_CONTEXT_BYTES / GiB:.2f} GiB for the CUDA context and "
                      f"allocator; a setup fits at <= {FIT_FRACTION:.0%} of device memory")

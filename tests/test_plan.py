@@ -400,49 +400,55 @@ def test_cpu_plan_adds_glibc_retention(llama8b_dir, train_file, tmp_path, monkey
 
 
 def test_eval_heap_growth_count():
-    """glibc's heap growth over one evaluation after training: EVAL_HEAP_GROWTH_FRACTION of the eval layers'
-    transients summed over the layers, only tensors up to glibc's 32 MiB mmap ceiling counted."""
+    """glibc's heap growth over an evaluation after training: EVAL_HEAP_GROWTH_PER_STEP x steps (at most 1: nothing
+    reused, also when the step count is unknown) of the eval layers' transients summed over the layers, only
+    tensors up to glibc's 32 MiB mmap ceiling counted."""
     shape = P.ModelShape("x", layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=1000,
                          tied_embeddings=True, params=0, trainable=0, embedding_params=0, lm_head_params=0,
                          matmul_params=0, frozen_matmul_params=0, quantizable_params=0, largest_layer_params=0)
     bf16 = P.Precision(2, 2, False, 4, autocast=False)
     layer = 2 * (3 * 64 + 2 * 64 + 2 * 32 + 4 * 128) + 2 * 256  # per token, the packing mask row included
-    assert P.eval_heap_growth_bytes(shape, bf16, 4, 256) == pytest.approx(
-        P.EVAL_HEAP_GROWTH_FRACTION * 2 * 4 * 256 * layer)
+    total = 2 * 4 * 256 * layer
+    assert P.eval_heap_growth_bytes(shape, bf16, 4, 256) == total  # steps unknown: the bound
+    assert P.eval_heap_growth_bytes(shape, bf16, 4, 256, steps=10) == pytest.approx(
+        10 * P.EVAL_HEAP_GROWTH_PER_STEP * total)
+    assert P.eval_heap_growth_bytes(shape, bf16, 4, 256, steps=100_000) == total
     # 2 x 65,536 tokens: the [tokens x 128] MLP tensors (32 MiB) still come from the heap, the 64 MiB masks do not
-    tokens = 2 * 65536
-    assert P.eval_heap_growth_bytes(shape, bf16, 2, 65536) == pytest.approx(
-        P.EVAL_HEAP_GROWTH_FRACTION * 2 * tokens * 2 * (3 * 64 + 2 * 64 + 2 * 32 + 4 * 128))
+    assert P.eval_heap_growth_bytes(shape, bf16, 2, 65536) == 2 * 2 * 65536 * 2 * (3 * 64 + 2 * 64 + 2 * 32 + 4 * 128)
 
 
 def test_cpu_plan_eval_heap_growth(llama8b_dir, train_file, tmp_path, monkeypatch):
-    """On the CPU with glibc's default malloc the evaluation phase carries the heap the eval forward grows (plus
-    the 20 % retention, which leaves out the vocabulary-wide tensors above the mmap ceiling); zero without eval
-    data and with MALLOC_MMAP_THRESHOLD_ set. Eval data alone means an evaluation: dsft evaluates after training."""
+    """On the CPU with glibc's default malloc the evaluation phase carries the heap the eval forward grows (measured
+    RSS: not scaled by the 20 % retention, which also leaves out the vocabulary-wide tensors above the mmap
+    ceiling); zero without eval data and with MALLOC_MMAP_THRESHOLD_ set. Eval data alone means an evaluation: dsft
+    evaluates after training."""
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     hw = P.Hardware(accelerator="cpu", device_memory_bytes=2**44, host_memory_bytes=2**44,
                     process_baseline_bytes=2**29)
     small = {"max_seq_len": 64}  # 8 eval rows x 64 tokens: every layer tensor is heap-sized (<= 32 MiB)
+    lora = {"lora": {"r": 16, "target_modules": "all-linear"}}  # small model states: the phases' activations count
 
-    def phases(data, growth=P.EVAL_HEAP_GROWTH_FRACTION, **train):
-        cfg = _cfg(llama8b_dir, train_file, tmp_path, data=data, train=train)
+    def phases(data, growth=P.EVAL_HEAP_GROWTH_PER_STEP, **train):
+        cfg = _cfg(llama8b_dir, train_file, tmp_path, data=data, train={"max_steps": 10, **train}, peft=lora)
         with monkeypatch.context() as m:
-            m.setattr(P, "EVAL_HEAP_GROWTH_FRACTION", growth)
+            m.setattr(P, "EVAL_HEAP_GROWTH_PER_STEP", growth)
             return P.plan(cfg, hw).configured_memory.phases
 
     no_eval = phases(small)
     assert "evaluation" not in no_eval and phases(small, growth=0.0) == no_eval  # the term is zero without eval
-    with_eval = phases({**small, "eval": train_file}, eval_strategy="steps", eval_steps=10)
-    without_growth = phases({**small, "eval": train_file}, growth=0.0, eval_strategy="steps", eval_steps=10)
-    cfg = _cfg(llama8b_dir, train_file, tmp_path, data=small)
+    with_eval = phases({**small, "eval": train_file}, eval_strategy="steps", eval_steps=5)
+    without_growth = phases({**small, "eval": train_file}, growth=0.0, eval_strategy="steps", eval_steps=5)
+    cfg = _cfg(llama8b_dir, train_file, tmp_path, data=small, peft=lora)
     shape, prec = P.model_shape(cfg), P.precision_of(cfg, None)
-    growth = P.eval_heap_growth_bytes(shape, prec, 8, 64)
-    assert growth > 0.5 * 2**30  # 32 layers x 8 x 64 tokens of Llama-3-8B-sized layer tensors
-    assert with_eval["evaluation"] - without_growth["evaluation"] == pytest.approx(
-        growth * (1 + P.GLIBC_RETAINED_FRACTION), rel=1e-6)
-    assert with_eval["evaluation"] > max(no_eval.values())
+    growth = P.eval_heap_growth_bytes(shape, prec, 8, 64, steps=10)
+    assert growth > 0.2 * 2**30  # 32 layers x 8 x 64 tokens of Llama-3-8B-sized layer tensors, 10 steps
+    assert with_eval["evaluation"] - without_growth["evaluation"] == pytest.approx(growth, rel=1e-6)
+    # the same run without eval data plans less: the evaluation after training is its peak
+    assert max(with_eval.values()) == with_eval["evaluation"] > max(no_eval.values())
     # no eval_strategy: still the final evaluation after training
     assert phases({**small, "eval": train_file})["evaluation"] == with_eval["evaluation"]
+    # more steps before the evaluation, more growth, up to the bound
+    assert phases({**small, "eval": train_file}, max_steps=1000)["evaluation"] > with_eval["evaluation"]
     # 8 x 4,096 tokens: every layer tensor is its own mapping, nothing grows the heap
     long_eval = {"eval": train_file}
     assert phases(long_eval)["evaluation"] == phases(long_eval, growth=0.0)["evaluation"]
