@@ -460,30 +460,13 @@ def test_nonfinite_guard_stops_a_diverging_dpo_run_without_saving_the_bad_steps(
     the SFT guard test, tests/test_reliability.py), so the DPO loss and the LoRA gradients are NaN. With
     guard.max_nonfinite_steps 2 the run stops at step 6 with NonFiniteError (exit code 3) naming the loss and the
     gradient norm; checkpoint-6 (a save step in the streak) is never written and checkpoint-3 is left as it was."""
-    from fault_entry import Poison
-    from test_reliability import _assert_guard_stopped, _digests
-
-    from dsft.guards import NonFiniteError
-    from dsft.train import run
+    from test_reliability import run_poisoned_from_step_5
 
     raw = _raw(tmp_path, tiny_model_dir, pairs_file, max_steps=9, save_strategy="steps", save_steps=3)
     raw["guard"] = {"max_nonfinite_steps": 2}
     cfg = from_dict(raw)
     validate(cfg)
-
-    class Snapshot(Poison):  # hashes checkpoint-3 once it is complete, before any NaN
-        good: dict = {}
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 4:
-                Snapshot.good = _digests(tmp_path / "out" / "checkpoint-3")
-            super().on_step_begin(args, state, control, **kwargs)
-
-    with pytest.raises(NonFiniteError) as e:
-        run(cfg, callbacks=[Snapshot(step=5, rank=0)])
-    assert e.value.exit_code == 3
-    print(e.value)
-    steps = _assert_guard_stopped(tmp_path / "out", str(e.value), first_bad=5, stop=6, good=Snapshot.good)
+    _, steps = run_poisoned_from_step_5(cfg, tmp_path / "out")
     assert steps[5]["nonfinite_loss_ranks"] == [0] and steps[6]["nonfinite_grad_norm"], steps
     # the guard recorded the DPO loss the Trainer logged (besides the model forwards' own language-model losses)
     logged = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "out" / "dsft_log.jsonl").read_text()

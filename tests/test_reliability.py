@@ -218,30 +218,36 @@ def _assert_guard_stopped(out: Path, message: str, first_bad: int, stop: int, go
     return steps
 
 
-def test_nonfinite_guard_stops_without_overwriting_the_last_good_checkpoint(tmp_path, tiny_model_dir, data_file):
-    """One process, no DeepSpeed: a NaN weight from step 5 on; guard.max_nonfinite_steps 2 stops at step 6."""
+def run_poisoned_from_step_5(cfg, out: Path) -> tuple[Exception, dict]:
+    """Train ``cfg`` (checkpoints every 3 steps, guard.max_nonfinite_steps 2) with a NaN weight from step 5 on;
+    the run must stop at step 6 as _assert_guard_stopped checks. Returns (the NonFiniteError, the report's steps)."""
     from fault_entry import Poison
 
-    from dsft.config import load_config
     from dsft.guards import NonFiniteError
     from dsft.train import run
-
-    cfg = load_config(_config(tmp_path, tiny_model_dir, data_file, deepspeed=None, max_steps=9,
-                              save_strategy="steps", save_steps=3),
-                      ["guard.max_nonfinite_steps=2"])
 
     class Snapshot(Poison):  # hashes checkpoint-3 once it is complete, before any NaN
         good: dict = {}
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 4:
-                Snapshot.good = _digests(tmp_path / "out" / "checkpoint-3")
+                Snapshot.good = _digests(out / "checkpoint-3")
             super().on_step_begin(args, state, control, **kwargs)
 
     with pytest.raises(NonFiniteError) as e:
         run(cfg, callbacks=[Snapshot(step=5, rank=0)])
     assert e.value.exit_code == 3
-    steps = _assert_guard_stopped(tmp_path / "out", str(e.value), first_bad=5, stop=6, good=Snapshot.good)
+    return e.value, _assert_guard_stopped(out, str(e.value), first_bad=5, stop=6, good=Snapshot.good)
+
+
+def test_nonfinite_guard_stops_without_overwriting_the_last_good_checkpoint(tmp_path, tiny_model_dir, data_file):
+    """One process, no DeepSpeed: a NaN weight from step 5 on; guard.max_nonfinite_steps 2 stops at step 6."""
+    from dsft.config import load_config
+
+    cfg = load_config(_config(tmp_path, tiny_model_dir, data_file, deepspeed=None, max_steps=9,
+                              save_strategy="steps", save_steps=3),
+                      ["guard.max_nonfinite_steps=2"])
+    _, steps = run_poisoned_from_step_5(cfg, tmp_path / "out")
     assert steps[5]["nonfinite_loss_ranks"] == [0] and steps[6]["nonfinite_grad_norm"]
 
 
