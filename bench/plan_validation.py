@@ -234,6 +234,7 @@ def main() -> None:
                             {"allocator": alloc, "peak_rss_bytes": entry["peak_rss_bytes"][alloc],
                              "seconds": entry["seconds"].get(alloc),
                              "peak_memory_gb_by_step": entry.get("peak_memory_gb_by_step", {}).get(alloc),
+                             "rss_timeline": entry.get("rss_timeline", {}).get(alloc),
                              "machine": entry.get("machine_of_run", {}).get(alloc)})
                     entry.setdefault("machine_of_run", {})[alloc] = info
                     # the Trainer's logged peak RSS (GiB, since the process started) after each logged step

@@ -61,7 +61,7 @@ GLIBC_RETAINED_FRACTION = 0.20
 # not all reused by the next layer -- by more the more training steps came before. The demo
 # (examples/demo-smollm2-lora.yaml: 8 x 512 eval tokens, 30 layers, whose eval layers' heap-sized transients add up
 # to 2.27 GiB; bench/plan_validation.py's rss_timeline, 2026-11-30) grew 0.2 GiB in its evaluation before training,
-# 0.59 after step 8, 1.13 after step 16 and 1.39 GiB in the final evaluation (another run of it stayed below 0.6):
+# 0.59 after step 8, 1.13 after step 16 and 1.39 GiB in the final evaluation (two other runs of it grew less):
 # up to 0.038 of that sum per optimizer step before the evaluation, i.e. all of it (nothing reused, the bound)
 # from 27 steps on, and when the step count is not known (no max_steps).
 EVAL_HEAP_GROWTH_PER_STEP = 0.038
