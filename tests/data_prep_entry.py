@@ -20,11 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> int:
     import dsft.data
-    import dsft.data_cache
     from dsft.run import main as launch_main
 
     delay = float(os.environ.get("DSFT_TEST_SLOW_PREPARE_S", "0"))
-    real_build, real_wait = dsft.data._build_splits, dsft.data_cache.wait_for_cache
+    real_build, real_wait = dsft.data._build_splits, dsft.data.wait_for_cache
 
     def slow_build(cfg, tokenizer, *scratch):  # inside dsft.data_cache.preparing(): heartbeat on, status written
         time.sleep(delay)
@@ -38,9 +37,9 @@ def main() -> int:
             print(f"dsft-test: rank {os.environ.get('RANK')} waited {time.monotonic() - t0:.1f} s for the cache",
                   file=sys.stderr, flush=True)
 
-    # both are looked up at call time by dsft.data.prepare_data
+    # both are looked up in dsft.data's namespace when dsft.data.prepare_data runs
     dsft.data._build_splits = slow_build
-    dsft.data_cache.wait_for_cache = timed_wait
+    dsft.data.wait_for_cache = timed_wait
     return launch_main()
 
 
