@@ -345,7 +345,7 @@ def lora_group(module_name: str) -> str:
 
 
 def layer_activation_bytes(shape: ModelShape, prec: Precision, seq_len: int, attn: str, lora_dropout: float,
-                           full_finetune: bool) -> float:
+                           full_finetune: bool, zero3_linear: bool = False) -> float:
     """Bytes autograd keeps per token for one decoder layer (pre-norm attention with rotary + gated MLP).
 
     Counted tensor by tensor as torch 2.x / transformers 5 save them (``tests/test_plan.py`` checks this against
@@ -355,6 +355,11 @@ def layer_activation_bytes(shape: ModelShape, prec: Precision, seq_len: int, att
     output and the log-sum-exp, plus the float mask; the gated MLP keeps gate, silu(gate) and up (and their
     product for a training down projection). LoRA (peft keeps adapters in fp32) adds per adapted linear the
     dropout mask and output, or its input cast, and the rank-r intermediate.
+
+    ``zero3_linear``: DeepSpeed ZeRO-3's ``zero.Init`` (``zero_optimization.memory_efficient_linear``, on by
+    default) replaces ``torch.nn.functional.linear`` with ``LinearFunctionForZeroStage3``, which saves every
+    linear's input for backward whether or not its weight trains; so under ZeRO-3 the frozen base linears of
+    LoRA keep their inputs as in full fine-tuning (see ``zero3_frozen_linear_inputs``).
     """
     h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
     a = prec.compute_bytes
@@ -374,6 +379,7 @@ def layer_activation_bytes(shape: ModelShape, prec: Precision, seq_len: int, att
         if attn == "eager":  # probabilities in fp32 (and their cast back to a 16-bit compute dtype), per key
             attention += shape.heads * seq_len * (4 + (a if a != 4 else 0))
     mlp = 3 * a * i + down_in
+    frozen_inputs = zero3_frozen_linear_inputs(shape, prec) if zero3_linear and not full_finetune else 0
     lora = 0.0
     counted_groups: set[str] = set()
     for group, fan_in in shape.lora_modules:
@@ -384,15 +390,28 @@ def layer_activation_bytes(shape: ModelShape, prec: Precision, seq_len: int, att
             lora += 2 * fan_in
         elif r == 2:
             lora += 4 * fan_in  # the bf16 input cast to the fp32 adapter
-        elif group != "attn_out" and group not in counted_groups:  # fp32: the shared input itself
-            lora += 4 * fan_in
+        elif group != "attn_out" and group not in counted_groups and not frozen_inputs:
+            lora += 4 * fan_in  # fp32: the shared input itself (under ZeRO-3 in frozen_inputs already)
             counted_groups.add(group)
-    return 2 * norm + linear_inputs + attention + mlp + lora
+    return 2 * norm + linear_inputs + attention + mlp + lora + frozen_inputs
+
+
+def zero3_frozen_linear_inputs(shape: ModelShape, prec: Precision) -> float:
+    """Bytes per token and decoder layer that ZeRO-3 keeps for a frozen-weight (LoRA) layer and plain torch does
+    not: DeepSpeed's memory-efficient linear (``deepspeed/runtime/zero/linear.py``, installed globally by
+    ``zero.Init``) saves each linear's input even when the weight needs no gradient. Per layer that is the
+    attention norm's output (read by q/k/v: one tensor), the MLP norm's output (gate/up) and the MLP's inner
+    product (down), in the compute dtype; o_proj's input is the attention output, which sdpa keeps anyway.
+    Measured (bench/plan_validation.py's 135m-2r-zero3-lora, saved_tensors_hooks, 2026-11-30): the same three
+    tensors per layer, 157 MiB over 30 layers at 2 x 256 tokens in fp32, the whole excess over plain LoRA's
+    saved tensors. 4-bit / 8-bit base layers (bitsandbytes) do not call F.linear and transformers loads them
+    outside zero.Init: not counted there."""
+    return prec.compute_bytes * (2 * shape.hidden + shape.intermediate)
 
 
 def activation_bytes(shape: ModelShape, prec: Precision, micro_batch: int, seq_len: int, checkpointing: bool,
                      attn: str = "sdpa", lora_dropout: float = 0.0, chunk_tokens: int | None = None,
-                     sequence: int = 1, heap_retains: bool = False) -> dict[str, float]:
+                     sequence: int = 1, heap_retains: bool = False, zero3_linear: bool = False) -> dict[str, float]:
     """Activation memory of one micro-batch. ``saved_forward``: what autograd holds at the end of the forward
     pass; ``total``: the peak at the start of backward, which adds the loss's gradients over the vocabulary (and
     with checkpointing, the recomputed layer).
@@ -405,10 +424,13 @@ def activation_bytes(shape: ModelShape, prec: Precision, micro_batch: int, seq_l
 
     ``heap_retains`` (the CPU with glibc's default malloc): the vocabulary-wide transients (> 32 MiB: their own
     mappings, returned when freed) and the recomputed layer (tensors of a few MiB: glibc's heap, which keeps them
-    resident after they are freed) add up instead of taking turns."""
+    resident after they are freed) add up instead of taking turns.
+
+    ``zero3_linear``: ZeRO-3's memory-efficient linear keeps the inputs of frozen linears (LoRA's base layers, and
+    the stock loss's lm_head), see ``layer_activation_bytes``."""
     tokens = micro_batch * -(-seq_len // max(1, sequence))
     full = shape.frozen_matmul_params == 0
-    per_layer = layer_activation_bytes(shape, prec, seq_len, attn, lora_dropout, full)
+    per_layer = layer_activation_bytes(shape, prec, seq_len, attn, lora_dropout, full, zero3_linear)
     if sequence > 1 and attn == "sdpa":
         per_layer -= prec.compute_bytes * seq_len  # no float mask: DeepSpeed's Ulysses wrapper drops it
     r = prec.weight_bytes if prec.weight_bytes in (2, 4) else 2
@@ -425,6 +447,8 @@ def activation_bytes(shape: ModelShape, prec: Precision, micro_batch: int, seq_l
         return {"per_layer_per_token": per_layer, "saved_forward": saved, "total": saved + both,
                 "layers": (layers_saved + recompute) * tokens}
     saved_loss = 4 * shape.vocab + final_norm  # cross_entropy keeps the fp32 log-softmax
+    if zero3_linear and not full:  # ZeRO-3's linear keeps the frozen lm_head's input (the final norm's output)
+        saved_loss += prec.compute_bytes * shape.hidden
     backward = 8 * shape.vocab  # at the start of backward: its gradient and the logits' gradient
     saved = (layers_saved + saved_loss) * tokens
     both = (backward + recompute) if heap_retains else max(backward, recompute)
@@ -550,7 +574,8 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
     acts = activation_bytes(shape, prec, rows, _seq_len(cfg), setup.activation_checkpointing,
                             cfg.model.attn_implementation, cfg.peft.lora.dropout if cfg.peft is not None else 0.0,
                             chunk_tokens=chunk, sequence=sp,
-                            heap_retains=hw.is_cpu and _malloc_retained_fraction(hw) > 0)
+                            heap_retains=hw.is_cpu and _malloc_retained_fraction(hw) > 0,
+                            zero3_linear=zero3_memory_efficient_linear(ds if use_ds else None, stage, bits))
     act = acts["total"]
     act += autocast_weight_copies(shape, prec, setup.activation_checkpointing)
 
@@ -648,6 +673,16 @@ def memory(cfg: RunConfig, shape: ModelShape, hw: Hardware, setup: Setup, ds: di
                   buffers=int(buffers), overhead=int(overhead), peak=phases[peak_phase] + int(
                       host_states if hw.is_cpu else 0), peak_phase=peak_phase, phases=phases, host=host,
                   reference_weights=int(ref), reference_buffers=int(ref_gather))
+
+
+def zero3_memory_efficient_linear(ds: dict | None, stage: int, bits: int | None) -> bool:
+    """Whether the run's linears go through DeepSpeed's LinearFunctionForZeroStage3 (it saves every input, see
+    ``zero3_frozen_linear_inputs``): ZeRO-3 with zero.Init, i.e. not 4-/8-bit models (transformers loads those
+    outside zero.Init), unless ``zero_optimization.memory_efficient_linear`` is false."""
+    if ds is None or stage != 3 or bits:
+        return False
+    value = _zget(ds, "memory_efficient_linear", True)
+    return value is not False and str(value).lower() != "false"
 
 
 def reference_gather_elements(shape: ModelShape, sizes: dict) -> float:

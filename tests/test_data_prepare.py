@@ -248,7 +248,8 @@ def _chat_rows(n: int, seed: int = 0) -> list[dict]:
     import random
 
     rng = random.Random(seed)
-    words = "alpha beta gamma delta eps zeta eta theta iota kappa".split()
+    # non-ASCII words too: a byte-level BPE splits one such character over several tokens with the same offsets
+    words = "alpha beta gamma delta eps zeta eta theta iota kappa café naïve 東京 🙂".split()
     rows = []
     for _ in range(n):
         msgs = [{"role": "system", "content": "be brief"}] if rng.random() < 0.3 else []
@@ -275,19 +276,21 @@ def _reference(rows, fmt, tokenizer, max_len):
     return out
 
 
-def _tokenizers(char_tokenizer):
-    from pathlib import Path
+def _tokenizers(char_tokenizer, smollm2_dir):
+    from transformers import AutoTokenizer
 
     yield char_tokenizer
-    smol = Path(".cache/dsft/models/SmolLM2-135M-Instruct")
-    if smol.is_dir():  # a real BPE tokenizer with a real chat template (dsft prepare-demo)
-        from transformers import AutoTokenizer
-
-        yield AutoTokenizer.from_pretrained(str(smol))
+    yield AutoTokenizer.from_pretrained(str(smollm2_dir))  # a real byte-level BPE with a real chat template
+    # turns glued together without separators: BPE merges across turn boundaries, so a token starts before an
+    # assistant turn and ends inside it (not labelled, as in the reference)
+    glued = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    glued.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    yield glued
 
 
 @pytest.mark.parametrize("train_on_prompt", [False, True])
-def test_batched_tokenization_equals_the_row_by_row_reference(tmp_path, char_tokenizer, train_on_prompt):
+def test_batched_tokenization_equals_the_row_by_row_reference(tmp_path, char_tokenizer, smollm2_dir,
+                                                              train_on_prompt):
     import datasets
 
     from dsft.config import DataConfig
@@ -302,7 +305,7 @@ def test_batched_tokenization_equals_the_row_by_row_reference(tmp_path, char_tok
         "alpaca": [{"instruction": f"do {i}", "input": "", "output": f"done {i}", "system": "s" * (i % 2)}
                    for i in range(100)],
     }
-    for tokenizer in _tokenizers(char_tokenizer):
+    for tokenizer in _tokenizers(char_tokenizer, smollm2_dir):
         for fmt_name, rows in cases.items():
             if fmt_name == "prompt_completion":
                 by_kind = [rows[:200], rows[200:]]  # one source per shape (legacy alpaca vs prompt/completion)
@@ -681,3 +684,26 @@ def test_resume_starts_at_the_checkpoints_batch_without_collating_the_skipped_on
     assert batches[0] != first_run[0]
     log = [json.loads(line) for line in (tmp_path / "b" / "dsft_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [121]
+
+
+def test_chat_renderer_gives_apply_chat_template_strings_and_falls_back_when_they_differ(char_tokenizer, smollm2_dir,
+                                                                                       monkeypatch):
+    from transformers import AutoTokenizer
+
+    import dsft.data
+    from dsft.data import chat_renderer
+
+    chats = [r["messages"] for r in _chat_rows(40, seed=3)]
+    for tokenizer in (char_tokenizer, AutoTokenizer.from_pretrained(str(smollm2_dir))):
+        render = chat_renderer(tokenizer)
+        for gen in (False, True):
+            assert render(chats, add_generation_prompt=gen) == tokenizer.apply_chat_template(
+                chats, tokenize=False, add_generation_prompt=gen)
+        assert render([]) == []
+
+    class Drifted:  # a transformers version whose template call differs: every chat goes through apply_chat_template
+        def render(self, **kw):
+            return "drifted"
+
+    monkeypatch.setattr(dsft.data, "_compile_jinja_template", lambda template: Drifted())
+    assert chat_renderer(char_tokenizer)(chats) == char_tokenizer.apply_chat_template(chats, tokenize=False)

@@ -177,6 +177,45 @@ def test_activation_count_matches_saved_tensors(precision, lora, checkpointing, 
     assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
 
 
+@pytest.mark.parametrize("dropout", [0.05, 0.0])
+def test_zero3_linear_keeps_the_inputs_of_frozen_linears(dropout, train_file, tmp_path, monkeypatch):
+    """Under ZeRO-3, zero.Init swaps torch.nn.functional.linear for DeepSpeed's LinearFunctionForZeroStage3, which
+    saves every input, also of LoRA's frozen base layers: the planner's zero3_linear count against the tensors torch
+    saves with that function in place (the same tiny Llama as above, fp32 LoRA)."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dsft.model import apply_lora
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = _cfg("unused", train_file, tmp_path, model={"dtype": "fp32"}, data={"max_seq_len": 128},
+               train={"bf16": False}, peft={"lora": {"r": 8, "dropout": dropout, "target_modules": "all-linear"}})
+    shape = P.model_shape(cfg, config)
+    prec = P.precision_of(cfg, None)
+    assert (prec.compute_bytes, prec.autocast) == (4, False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.config.use_cache = False
+    model = apply_lora(model, cfg.peft, False)
+    model.train()
+    batch, seq = 2, 128
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    positions = torch.cat([torch.arange(70), torch.arange(58)]).repeat(batch, 1)
+    plain = _saved_tensor_bytes(model, ids, positions, False)
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+    measured = _saved_tensor_bytes(model, ids, positions, False)
+    acts = P.activation_bytes(shape, prec, batch, seq, False, "sdpa", dropout, zero3_linear=True)
+    plain_acts = P.activation_bytes(shape, prec, batch, seq, False, "sdpa", dropout)
+    assert acts["saved_forward"] == pytest.approx(measured, rel=0.10), (acts["saved_forward"], measured)
+    # the term itself: what ZeRO-3's linear adds over plain torch, predicted vs seen. Seen: the attention input,
+    # MLP input and MLP inner product of layers 1-2 plus the lm_head's input; in layer 0 the attention input does
+    # not require grad yet (frozen embeddings), so nothing records it -- 7 % of the term with 3 layers, which the
+    # planner, counting every layer alike, does not model
+    assert acts["saved_forward"] - plain_acts["saved_forward"] == pytest.approx(measured - plain, rel=0.10), (
+        acts["saved_forward"] - plain_acts["saved_forward"], measured - plain)
+
+
 def test_plan_cli_llama3_8b_on_8x80gb(llama8b_dir, train_file, tmp_path, capsys):
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(json.dumps({
