@@ -309,17 +309,23 @@ def _backend(tokenizer):
     return backend
 
 
-def encode_batch(tokenizer, texts: list[str], special: bool):
-    """Token ids of many texts in one call of the fast tokenizer.
+def _encodings(tokenizer, texts: list[str], special: bool):
+    """(Rust encodings or None, token ids) of many texts in one call of the tokenizer; the encodings (ids and
+    character <-> token lookups) exist for fast tokenizers only.
 
     The Rust tokenizer is called directly: transformers' ``__call__`` on a batch spends about a quarter of its
     time building its BatchEncoding (measured on SmolLM2's tokenizer), and the ids are the same (tested)."""
-    if not texts:
-        return []
     backend = _backend(tokenizer)
     if backend is not None:
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
-    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+        encs = backend.encode_batch(texts, add_special_tokens=special)
+        return encs, [e.ids for e in encs]
+    enc = tokenizer(texts, add_special_tokens=special)
+    return enc.encodings, enc["input_ids"]
+
+
+def encode_batch(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of many texts in one call of the tokenizer."""
+    return _encodings(tokenizer, texts, special)[1] if texts else []
 
 
 def _first_token_from(enc, pos: int, n_chars: int, n_tokens: int) -> int:
@@ -370,7 +376,7 @@ def chat_renderer(tokenizer):
 def _chat_batch(chats: list[list[dict]], fmt: RowFormat, tokenizer, wheres: list[str]):
     """Batched ``_tokenize_messages``: render every chat (and, for label location, the prefixes before and
     through each assistant turn) with the chat template in a few batched calls, tokenize the full texts in one
-    call with offsets, and label the tokens that start inside an assistant turn's characters."""
+    call, and label the tokens that start inside an assistant turn's characters."""
     render = chat_renderer(tokenizer)
     texts = render(chats)
     if fmt.train_on_prompt:  # loss on every token: where the turns start does not matter
@@ -396,22 +402,18 @@ def _chat_batch(chats: list[list[dict]], fmt: RowFormat, tokenizer, wheres: list
     # the tokens starting inside a span, found by the Rust encodings' char -> token lookup at the span ends:
     # a few calls per row instead of a Python tuple per token's offsets (measured: label location 2.1 s -> 0.2 s
     # per 10k bench chats)
-    backend = _backend(tokenizer)
-    encs = backend.encode_batch(texts, add_special_tokens=False) if backend is not None else \
-        tokenizer(texts, add_special_tokens=False).encodings
+    encs, ids = _encodings(tokenizer, texts, False)
     if encs is None:  # a Python ("slow") tokenizer keeps no character offsets
         raise DataError(f"{wheres[0]}: locating assistant turns needs a fast tokenizer (with character offsets); "
                         f"{type(tokenizer).__name__} is a Python tokenizer: load the model's tokenizer.json, "
                         "or set train_on_prompt: true")
-    ids, labels = [], []
-    for enc, text, row_spans in zip(encs, texts, spans):
-        row_ids = enc.ids
+    labels = []
+    for enc, row_ids, text, row_spans in zip(encs, ids, texts, spans):
         n = len(row_ids)
         row_labels = [IGNORE_INDEX] * n
         for a, b in row_spans:
             i, j = _first_token_from(enc, a, len(text), n), _first_token_from(enc, b, len(text), n)
             row_labels[i:j] = row_ids[i:j]
-        ids.append(row_ids)
         labels.append(row_labels)
     return ids, labels
 
