@@ -248,11 +248,12 @@ def _tokenize_messages(messages: list[dict], fmt: RowFormat, tokenizer, where: s
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if fmt.train_on_prompt:
         return list(ids), list(ids)
-    labels = []
-    for tok, (start, _end) in zip(ids, offsets):
-        inside = any(a <= start < b for a, b in spans)
-        labels.append(tok if inside else IGNORE_INDEX)
-    return list(ids), labels
+    return list(ids), labels_by_offsets(ids, offsets, spans)
+
+
+def labels_by_offsets(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """The definition: a token takes loss when it starts inside an assistant turn's characters [a, b)."""
+    return [tok if any(a <= start < b for a, b in spans) else IGNORE_INDEX for tok, (start, _end) in zip(ids, offsets)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,6 +416,10 @@ def _chat_batch(chats: list[list[dict]], fmt: RowFormat, tokenizer, wheres: list
             i, j = _first_token_from(enc, a, len(text), n), _first_token_from(enc, b, len(text), n)
             row_labels[i:j] = row_ids[i:j]
         labels.append(row_labels)
+    # the lookup assumes the tokenizer's offsets ascend; the first row of each batch is checked against the
+    # definition, and a tokenizer for which they differ gets the definition on every row
+    if labels and labels[0] != labels_by_offsets(ids[0], encs[0].offsets, spans[0]):
+        labels = [labels_by_offsets(x, e.offsets, sp) for x, e, sp in zip(ids, encs, spans)]
     return ids, labels
 
 

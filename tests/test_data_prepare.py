@@ -288,9 +288,20 @@ def _tokenizers(char_tokenizer, smollm2_dir):
     yield glued
 
 
+@pytest.fixture(params=["lookup", "definition"])
+def label_path(request, monkeypatch):
+    """``definition``: the char -> token lookup made wrong (a tokenizer whose offsets do not ascend would do
+    that): the first-row check must send every row through the definition."""
+    if request.param == "definition":
+        import dsft.data
+
+        monkeypatch.setattr(dsft.data, "_first_token_from", lambda enc, pos, n_chars, n_tokens: 0)
+    return request.param
+
+
 @pytest.mark.parametrize("train_on_prompt", [False, True])
 def test_batched_tokenization_equals_the_row_by_row_reference(tmp_path, char_tokenizer, smollm2_dir,
-                                                              train_on_prompt):
+                                                              train_on_prompt, label_path):
     import datasets
 
     from dsft.config import DataConfig
